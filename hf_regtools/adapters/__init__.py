@@ -1,0 +1,226 @@
+"""Per-family adapters: what each supported model family looks like to our techniques.
+
+A `ModelFamily` knows, from the state-dict key names alone, where the classifier, the fused qkv projections and
+the positional embeddings of a family live. The library-specific modules (`adapters.timm`,
+`adapters.transformers`) know how to read configs and build models of that family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not of a supported family, or teacher and student do not match."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """Key-level description of one model family in one library.
+
+    Args:
+        library (`str`): `"timm"` or `"transformers"`.
+        name (`str`): `"vit"`, `"deit"`, `"convnext"` or `"convnextv2"`.
+        layout (`str`): `"isotropic"` (one stack of blocks) or `"hierarchical"` (stages).
+        signature (`tuple[str, ...]`): regexes that must all match some key of the state dict.
+        exclude (`tuple[str, ...]`): regexes none of which may match (distinguishes e.g. DeiT from ViT).
+        classifier (`tuple[str, ...]`): key prefixes of the classification head(s).
+        fused_qkv (`str`, *optional*): regex of keys holding q, k and v stacked along dim 0.
+        token_axes (`dict[str, int]`): regex -> axis that must have equal length in teacher and student
+            (the token axis of positional embeddings).
+    """
+
+    library: str
+    name: str
+    layout: str
+    signature: tuple[str, ...]
+    classifier: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+    fused_qkv: str | None = None
+    token_axes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.library} {self.name}"
+
+    def matches(self, keys: Iterable[str]) -> bool:
+        keys = list(keys)
+        found = lambda pattern: any(re.search(pattern, k) for k in keys)  # noqa: E731
+        return all(found(p) for p in self.signature) and not any(found(p) for p in self.exclude)
+
+    def is_classifier(self, key: str) -> bool:
+        return key.startswith(self.classifier)
+
+    def is_fused_qkv(self, key: str) -> bool:
+        return self.fused_qkv is not None and re.search(self.fused_qkv, key) is not None
+
+    def fixed_axes(self, key: str, ndim: int) -> tuple[int, ...]:
+        """Axes whose length must not change: conv kernel sizes and the positional-embedding token axis."""
+        axes = {2, 3} if ndim == 4 else set()
+        axes |= {axis for pattern, axis in self.token_axes.items() if re.search(pattern, key)}
+        return tuple(sorted(axes))
+
+
+_TIMM_VIT = ModelFamily(
+    library="timm", name="vit", layout="isotropic",
+    signature=(r"^patch_embed\.proj\.weight$", r"^blocks\.\d+\.attn\.qkv\.weight$"),
+    exclude=(r"^dist_token$",),
+    classifier=("head.",),
+    fused_qkv=r"^blocks\.\d+\.attn\.qkv\.(weight|bias)$",
+    token_axes={r"^pos_embed$": 1},
+)
+_TIMM_CONVNEXT = ModelFamily(
+    library="timm", name="convnext", layout="hierarchical",
+    signature=(r"^stages\.\d+\.blocks\.\d+\.conv_dw\.weight$",),
+    exclude=(r"\.grn\.",),
+    classifier=("head.fc.",),
+)
+_TRANSFORMERS_VIT = ModelFamily(
+    library="transformers", name="vit", layout="isotropic",
+    signature=(r"(^|\.)embeddings\.patch_embeddings\.projection\.weight$",),
+    exclude=(r"(^|\.)embeddings\.distillation_token$", r"^deit\."),
+    classifier=("classifier.",),
+    token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
+)
+_TRANSFORMERS_CONVNEXT = ModelFamily(
+    library="transformers", name="convnext", layout="hierarchical",
+    signature=(r"(^|\.)encoder\.stages\.\d+\.layers\.\d+\.dwconv\.weight$",),
+    exclude=(r"\.grn\.", r"^convnextv2\."),
+    classifier=("classifier.",),
+)
+
+FAMILIES: tuple[ModelFamily, ...] = (
+    _TIMM_VIT,
+    replace(_TIMM_VIT, name="deit", exclude=(), signature=(*_TIMM_VIT.signature, r"^dist_token$"),
+            classifier=("head.", "head_dist.")),
+    _TIMM_CONVNEXT,
+    replace(_TIMM_CONVNEXT, name="convnextv2", exclude=(), signature=(*_TIMM_CONVNEXT.signature, r"\.grn\.")),
+    _TRANSFORMERS_VIT,
+    replace(_TRANSFORMERS_VIT, name="deit", exclude=(),
+            signature=(*_TRANSFORMERS_VIT.signature, r"(^|\.)embeddings\.distillation_token$"),
+            classifier=("cls_classifier.", "distillation_classifier.", "classifier.")),
+    _TRANSFORMERS_CONVNEXT,
+    replace(_TRANSFORMERS_CONVNEXT, name="convnextv2", exclude=(),
+            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\.")),
+)
+
+
+def supported_families() -> list[str]:
+    return [family.label for family in FAMILIES]
+
+
+def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model") -> ModelFamily:
+    """The `ModelFamily` of a module or of the keys of a state dict.
+
+    Raises:
+        `UnsupportedModelError`: no or several families match; the message lists the supported ones.
+    """
+    keys = list(model_or_keys.state_dict() if isinstance(model_or_keys, torch.nn.Module) else model_or_keys)
+    found = [family for family in FAMILIES if family.matches(keys)]
+    if len(found) != 1:
+        sample = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        raise UnsupportedModelError(
+            f"the {role} is not of a supported family (keys: {sample}). Supported: {', '.join(supported_families())}."
+        )
+    return found[0]
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """Library-neutral architecture overrides for a student.
+
+    Args:
+        hidden_size (`int` or `tuple[int, ...]`, *optional*): ViT embedding width; ConvNeXt per-stage widths (an
+            `int` is the first stage's width, doubled at each stage).
+        depth (`int` or `tuple[int, ...]`, *optional*): ViT block count; ConvNeXt blocks per stage.
+        num_heads (`int`, *optional*): ViT attention heads. Defaults to keeping the teacher's head dimension.
+        mlp_dim (`int`, *optional*): ViT MLP hidden width. Defaults to keeping the teacher's MLP ratio.
+    """
+
+    hidden_size: int | tuple[int, ...] | None = None
+    depth: int | tuple[int, ...] | None = None
+    num_heads: int | None = None
+    mlp_dim: int | None = None
+
+    def is_empty(self) -> bool:
+        return all(value is None for value in (self.hidden_size, self.depth, self.num_heads, self.mlp_dim))
+
+    def merged(self, overrides: StudentShape) -> StudentShape:
+        return StudentShape(**{name: getattr(overrides, name) if getattr(overrides, name) is not None else value
+                               for name, value in self.__dict__.items()})
+
+
+PRESETS: dict[str, tuple[str, StudentShape]] = {
+    "vit-tiny": ("isotropic", StudentShape(hidden_size=192, depth=12, num_heads=3, mlp_dim=768)),
+    "vit-small": ("isotropic", StudentShape(hidden_size=384, depth=12, num_heads=6, mlp_dim=1536)),
+    "vit-base": ("isotropic", StudentShape(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072)),
+    "convnext-atto": ("hierarchical", StudentShape(hidden_size=(40, 80, 160, 320), depth=(2, 2, 6, 2))),
+    "convnext-femto": ("hierarchical", StudentShape(hidden_size=(48, 96, 192, 384), depth=(2, 2, 6, 2))),
+    "convnext-pico": ("hierarchical", StudentShape(hidden_size=(64, 128, 256, 512), depth=(2, 2, 6, 2))),
+    "convnext-nano": ("hierarchical", StudentShape(hidden_size=(80, 160, 320, 640), depth=(2, 2, 8, 2))),
+    "convnext-tiny": ("hierarchical", StudentShape(hidden_size=(96, 192, 384, 768), depth=(3, 3, 9, 3))),
+}
+
+
+def preset_shape(name: str, family: ModelFamily) -> StudentShape:
+    """The `StudentShape` of a preset, checked against the teacher's family layout."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown student preset {name!r}; available presets: {sorted(PRESETS)}")
+    layout, shape = PRESETS[name]
+    if layout != family.layout:
+        fitting = sorted(n for n, (lay, _) in PRESETS.items() if lay == family.layout)
+        raise UnsupportedModelError(
+            f"preset {name!r} is a {layout} model but the teacher is {family.label} ({family.layout}); "
+            f"teacher and student must be of the same family. Presets that fit: {fitting}"
+        )
+    return shape
+
+
+def vit_dims(shape: StudentShape, *, teacher_width: int, teacher_heads: int, teacher_mlp: int
+             ) -> tuple[int, int, int]:
+    """Student (width, heads, mlp width) for a ViT: heads keep the teacher's head dimension, MLP its ratio."""
+    width = shape.hidden_size if shape.hidden_size is not None else teacher_width
+    if not isinstance(width, int):
+        raise ValueError(f"hidden_size for a ViT must be one integer, got {width!r}")
+    heads = shape.num_heads
+    if heads is None:
+        head_dim = teacher_width // teacher_heads
+        if width % head_dim:
+            raise ValueError(f"hidden_size {width} is not a multiple of the teacher's head dimension {head_dim}; "
+                             "pass num_heads explicitly")
+        heads = width // head_dim
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+    mlp = shape.mlp_dim if shape.mlp_dim is not None else teacher_mlp * width // teacher_width
+    return width, heads, mlp
+
+
+def convnext_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teacher_depths: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Student (per-stage widths, per-stage depths) for a ConvNeXt."""
+    if shape.num_heads is not None or shape.mlp_dim is not None:
+        raise ValueError("num_heads and mlp_dim do not apply to ConvNeXt; use hidden_size and depth")
+    stages = len(teacher_widths)
+    widths = shape.hidden_size if shape.hidden_size is not None else teacher_widths
+    if isinstance(widths, int):
+        widths = tuple(widths * 2**i for i in range(stages))
+    depths = shape.depth if shape.depth is not None else teacher_depths
+    if isinstance(depths, int):
+        raise ValueError(f"depth for a ConvNeXt is one count per stage ({stages} stages), got {depths!r}")
+    widths, depths = tuple(widths), tuple(depths)
+    if len(widths) != stages or len(depths) != stages:
+        raise ValueError(f"the teacher has {stages} stages; got hidden_size {widths} and depth {depths}")
+    return widths, depths
+
+
+def library_adapter(library: str):
+    """The adapter module of a library: `hf_regtools.adapters.timm` or `hf_regtools.adapters.transformers`."""
+    if library not in ("timm", "transformers"):
+        raise UnsupportedModelError(f"unsupported library {library!r}; supported: timm, transformers")
+    from importlib import import_module
+
+    return import_module(f"{__name__}.{library}")

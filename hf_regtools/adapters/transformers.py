@@ -1,0 +1,62 @@
+"""transformers adapter: configs, student construction and export for ViT/DeiT and ConvNeXt (v1, v2)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
+
+from . import ModelFamily, StudentShape, convnext_dims, vit_dims
+
+IMAGE_CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def load_config(folder: str | Path) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def student_config(teacher: PretrainedConfig, shape: StudentShape, family: ModelFamily,
+                   num_labels: int | None = None) -> PretrainedConfig:
+    """A copy of the teacher's config with the student's architecture overrides applied."""
+    config = copy.deepcopy(teacher)
+    if family.layout == "isotropic":
+        width, heads, mlp = vit_dims(shape, teacher_width=teacher.hidden_size, teacher_heads=teacher.num_attention_heads,
+                                     teacher_mlp=teacher.intermediate_size)
+        depth = shape.depth if shape.depth is not None else teacher.num_hidden_layers
+        if not isinstance(depth, int):
+            raise ValueError(f"depth for a ViT must be one integer, got {depth!r}")
+        config.hidden_size, config.num_attention_heads, config.intermediate_size = width, heads, mlp
+        config.num_hidden_layers = depth
+    else:
+        widths, depths = convnext_dims(shape, teacher_widths=tuple(teacher.hidden_sizes),
+                                       teacher_depths=tuple(teacher.depths))
+        config.hidden_sizes, config.depths = list(widths), list(depths)
+    if num_labels is not None and num_labels != config.num_labels:
+        config.num_labels = num_labels
+        config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    return config
+
+
+def create(config: PretrainedConfig, *, classification: bool | None = None) -> torch.nn.Module:
+    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked)."""
+    architecture = (config.architectures or [None])[0]
+    is_classifier = architecture is not None and architecture.endswith(IMAGE_CLASSIFICATION_SUFFIXES)
+    if classification is None:
+        classification = is_classifier or architecture is None
+    if classification and not is_classifier:
+        return AutoModelForImageClassification.from_config(config)
+    if architecture is None:
+        return transformers.AutoModel.from_config(config)
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None:
+        raise ValueError(f"transformers {transformers.__version__} has no model class {architecture!r}")
+    return model_class(config)
+
+
+def save(model: torch.nn.Module, folder: str | Path) -> None:
+    """Write `config.json` and `model.safetensors` loadable by `from_pretrained`."""
+    model.save_pretrained(str(folder))

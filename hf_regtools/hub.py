@@ -1,0 +1,221 @@
+"""The Hub layer: resolve model references, pull them, push folders with a model card.
+
+Everything goes through the real client paths (`huggingface_hub.snapshot_download`, `from_pretrained`,
+`timm.create_model("hf-hub:...")`, `HfApi.upload_folder`), so it works online, from the HF cache, with
+`HF_HUB_OFFLINE=1`, and against any endpoint selected with `HF_ENDPOINT`. Tokens come from the usual
+environment / `hf auth login` and are never printed, logged or written to files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+CONFIG_PATTERNS = ("config.json", "*.md")
+LIBRARIES = ("timm", "transformers")
+
+
+class HubError(RuntimeError):
+    """A Hub operation failed; the message says what and how to fix it (never the token)."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference resolved to a local folder.
+
+    Attributes:
+        reference (`str`): what the user gave, e.g. `"hf-hub:timm/vit_small_patch16_224.augreg_in21k"`.
+        folder (`Path`): local folder with `config.json` and the weights (a cache snapshot or the user's folder).
+        library (`str`): `"timm"` or `"transformers"`.
+        repo_id (`str`, *optional*): Hub repo id, `None` for a local folder.
+        revision (`str`, *optional*): the commit sha the files come from, when pulled from the Hub.
+    """
+
+    reference: str
+    folder: Path
+    library: str
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def hub_reference(self) -> str:
+        """How `base_model` cards and `from_pretrained` name it: the repo id, else the folder."""
+        return self.repo_id or str(self.folder)
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.folder / "config.json").read_text())
+
+
+def parse_reference(reference: str, revision: str | None = None) -> tuple[str, str | None, str | None]:
+    """Split `"hf-hub:org/name@rev"` / `"org/name"` into `(repo_id, revision, library hint)`."""
+    library = None
+    if reference.startswith("hf-hub:"):
+        reference, library = reference[len("hf-hub:"):], "timm"
+    if "@" in reference:
+        reference, _, at_revision = reference.partition("@")
+        if revision and revision != at_revision:
+            raise ValueError(f"two revisions given for {reference!r}: {at_revision!r} and {revision!r}")
+        revision = at_revision
+    return reference, revision, library
+
+
+@contextmanager
+def hub_errors(action: str, repo_id: str | None = None):
+    """Translate `huggingface_hub` errors into `HubError`s that say what to do."""
+    what = f"{action} {repo_id!r}" if repo_id else action
+    try:
+        yield
+    except GatedRepoError as error:
+        raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and log in (`hf auth login`)") from error
+    except RepositoryNotFoundError as error:
+        raise HubError(f"{what}: repository not found. Check the id, or log in (`hf auth login` or the HF_TOKEN "
+                       "environment variable) if it is private") from error
+    except RevisionNotFoundError as error:
+        raise HubError(f"{what}: revision not found; check the branch, tag or commit") from error
+    except LocalEntryNotFoundError as error:
+        raise HubError(f"{what}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no "
+                       "network). Download it once online, or pass a local folder") from error
+    except EntryNotFoundError as error:
+        raise HubError(f"{what}: a required file is missing from the repo ({_server_message(error)})") from error
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status in (401, 403):
+            raise HubError(f"{what}: not authorized (HTTP {status}). Log in with `hf auth login` or set HF_TOKEN to a "
+                           "token with write access to this namespace") from error
+        if status is not None and status >= 500:
+            raise HubError(f"{what}: the Hub answered with a server error (HTTP {status}); try again later") from error
+        raise HubError(f"{what}: HTTP {status}: {_server_message(error)}") from error
+
+
+def _server_message(error: Exception) -> str:
+    return getattr(error, "server_message", None) or str(error).splitlines()[0]
+
+
+def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, library: str | None = None,
+                  weights: bool = True) -> ResolvedModel:
+    """Resolve a local folder, a Hub repo id (`org/name`, `org/name@rev`) or a timm `hf-hub:` id to local files.
+
+    Hub files are fetched with `snapshot_download` (only the config, the card and safetensors weights, or
+    `pytorch_model.bin` when a repo has no safetensors); with `HF_HUB_OFFLINE=1` they come from the cache.
+
+    Args:
+        reference (`str` or `os.PathLike`): the model.
+        revision (`str`, *optional*): branch, tag or commit on the Hub.
+        library (`str`, *optional*): `"timm"` or `"transformers"`; detected from `config.json` by default.
+        weights (`bool`, *optional*, defaults to `True`): also fetch the weights (else the config only).
+    """
+    if library is not None and library not in LIBRARIES:
+        raise ValueError(f"unknown library {library!r}; choose one of {LIBRARIES}")
+    path = Path(reference)
+    if path.is_dir():
+        return ResolvedModel(str(reference), path, _library_of(path, library, str(reference)))
+    reference = str(reference)
+    repo_id, revision, hint = parse_reference(reference, revision)
+    if hint is None and "/" not in repo_id:
+        from .adapters.timm import hub_id_of
+
+        timm_repo = hub_id_of(repo_id)
+        if timm_repo:
+            repo_id, hint = timm_repo, "timm"
+    if repo_id.count("/") != 1:
+        raise HubError(f"{reference!r} is neither an existing local folder nor a Hub repo id of the form 'org/name'")
+    with hub_errors("cannot fetch", repo_id):
+        patterns = [*CONFIG_PATTERNS, *WEIGHT_PATTERNS] if weights else list(CONFIG_PATTERNS)
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        if weights and not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*patterns, "pytorch_model.bin"]))
+    if not (folder / "config.json").is_file():
+        raise HubError(f"{repo_id!r} has no config.json; it is not a timm or transformers model repo")
+    return ResolvedModel(reference, folder, _library_of(folder, library or hint, reference), repo_id, folder.name)
+
+
+def _library_of(folder: Path, library: str | None, reference: str) -> str:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise HubError(f"{reference!r} has no config.json; expected a timm or transformers model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as error:
+        raise HubError(f"{config_file} is not valid JSON ({error}); the download may be corrupt") from error
+    from .adapters.timm import is_timm_config
+
+    detected = "timm" if is_timm_config(config) else "transformers" if "model_type" in config else None
+    if detected is None:
+        raise HubError(f"{config_file} is neither a timm config (`architecture`) nor a transformers config "
+                       "(`model_type`)")
+    if library is not None and library != detected:
+        raise HubError(f"{reference!r} is a {detected} model, not a {library} model")
+    return detected
+
+
+def load_model(reference: str | os.PathLike, *, revision: str | None = None, library: str | None = None, **kwargs):
+    """Load a full pretrained model through `timm.create_model` or transformers `from_pretrained`."""
+    resolved = resolve_model(reference, revision=revision, library=library, weights=False)
+    with hub_errors("cannot load", resolved.repo_id):
+        if resolved.library == "timm":
+            import timm
+
+            name = f"hf-hub:{resolved.repo_id}@{resolved.revision}" if resolved.repo_id else f"local-dir:{resolved.folder}"
+            return timm.create_model(name, pretrained=True, **kwargs)
+        from transformers import AutoConfig, AutoModel
+        import transformers
+
+        source = resolved.repo_id or str(resolved.folder)
+        config = AutoConfig.from_pretrained(source, revision=resolved.revision)
+        architecture = (config.architectures or ["AutoModel"])[0]
+        model_class = getattr(transformers, architecture, AutoModel)
+        return model_class.from_pretrained(source, revision=resolved.revision, **kwargs)
+
+
+def model_card_template(name: str) -> Path:
+    """Path of a template in `model_cards/` (shipped inside the package)."""
+    template = files("hf_regtools").joinpath("model_cards", f"{name}.md")
+    if not template.is_file():
+        raise FileNotFoundError(f"no model card template {name!r} in hf_regtools/model_cards")
+    return Path(str(template))
+
+
+def build_model_card(template: str, *, card_data: dict[str, Any], **fields: Any) -> ModelCard:
+    """Fill a `model_cards/` template with huggingface_hub's `ModelCard.from_template`.
+
+    Args:
+        template (`str`): template name, e.g. `"weight_selection"`.
+        card_data (`dict`): YAML metadata (`base_model`, `library_name`, `tags`, ...).
+        fields: values for the template's Jinja placeholders.
+    """
+    tags = list(dict.fromkeys(["hf-regtools", *card_data.pop("tags", [])]))
+    data = ModelCardData(tags=tags, **card_data)
+    return ModelCard.from_template(data, template_path=str(model_card_template(template)), **fields)
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                commit_message: str = "Upload with hf_regtools", revision: str | None = None) -> str:
+    """Create `repo_id` if needed and upload `folder` as one commit; returns the commit sha.
+
+    The token defaults to the usual HF environment / login; it is never printed or stored by us.
+    """
+    if repo_id.count("/") != 1:
+        raise ValueError(f"repo id {repo_id!r} must be namespaced as 'org/name'")
+    api = HfApi(endpoint=huggingface_hub.constants.ENDPOINT, token=token)
+    with hub_errors("cannot push to", repo_id):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                   commit_message=commit_message)
+    return commit.oid

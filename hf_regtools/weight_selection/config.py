@@ -1,0 +1,30 @@
+"""Settings of weight selection, as a dataclass (also drives the `hf-regtools select` options)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .functional import QKV_MODES, SELECTION_MODES, SKIP_RULES
+
+
+@dataclass
+class WeightSelectionConfig:
+    """How to select the student's weights from the teacher's (see `select_weights`)."""
+
+    mode: str = field(default="uniform", metadata={
+        "help": f"element selection: one of {SELECTION_MODES} (random keeps consistency: one index set per (D, d))",
+        "choices": SELECTION_MODES})
+    qkv_mode: str = field(default="per_chunk", metadata={
+        "help": "fused qkv tensors: select each q/k/v chunk on its own (per_chunk), or the stacked tensor as a "
+                "whole like the official code (fused)", "choices": QKV_MODES})
+    skip: str = field(default="classifier", metadata={
+        "help": "keys left at their initialization: the classifier only (classifier), or every key containing "
+                "'head' like the official code (official)", "choices": SKIP_RULES})
+    keep_classifier: bool = field(default=False, metadata={
+        "help": "also select the classifier (teacher and student must have the same number of classes)"})
+    reshape_1x1: bool = field(default=False, metadata={
+        "help": "let Linear weights initialize 1x1 convolutions and back (timm ConvNeXt conv_mlp)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random selection mode"})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
