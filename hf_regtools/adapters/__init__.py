@@ -32,6 +32,8 @@ class ModelFamily:
         fused_qkv (`str`, *optional*): regex of keys holding q, k and v stacked along dim 0.
         token_axes (`dict[str, int]`): regex -> axis that must have equal length in teacher and student
             (the token axis of positional embeddings).
+        not_kernels (`tuple[str, ...]`): regexes of 4-D tensors that are not convolution kernels (their last
+            axes are channels, e.g. transformers ConvNeXt-V2's GRN parameters of shape `(1, 1, 1, C)`).
     """
 
     library: str
@@ -42,6 +44,7 @@ class ModelFamily:
     exclude: tuple[str, ...] = ()
     fused_qkv: str | None = None
     token_axes: dict[str, int] = field(default_factory=dict)
+    not_kernels: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -60,7 +63,8 @@ class ModelFamily:
 
     def fixed_axes(self, key: str, ndim: int) -> tuple[int, ...]:
         """Axes whose length must not change: conv kernel sizes and the positional-embedding token axis."""
-        axes = {2, 3} if ndim == 4 else set()
+        is_kernel = ndim == 4 and not any(re.search(pattern, key) for pattern in self.not_kernels)
+        axes = {2, 3} if is_kernel else set()
         axes |= {axis for pattern, axis in self.token_axes.items() if re.search(pattern, key)}
         return tuple(sorted(axes))
 
@@ -105,7 +109,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             classifier=("cls_classifier.", "distillation_classifier.", "classifier.")),
     _TRANSFORMERS_CONVNEXT,
     replace(_TRANSFORMERS_CONVNEXT, name="convnextv2", exclude=(),
-            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\.")),
+            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",)),
 )
 
 

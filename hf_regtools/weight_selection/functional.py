@@ -255,6 +255,7 @@ def select_weights(
         else:
             student[key] = selected.to(dtype=target.dtype, device=target.device)
         report.loaded.append(key)
+        del source, selected  # keep at most one teacher tensor alive
     report.teacher_unused = [key for key in teacher_tensors if key not in student_tensors]
     return report
 

@@ -1,0 +1,85 @@
+"""Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
+
+`TEACHERS[(library, family)]` builds a teacher; `STUDENTS[(library, family)]` a narrower, shallower student of the
+same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def timm_vit(*, embed_dim: int = 16, depth: int = 4, num_heads: int = 2, num_classes: int = 3, img_size: int = 16,
+             patch_size: int = 4, in_chans: int = 3, distilled: bool = False, **kwargs) -> torch.nn.Module:
+    import timm
+
+    name = "deit_tiny_distilled_patch16_224" if distilled else "vit_tiny_patch16_224"
+    return timm.create_model(name, pretrained=False, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                             depth=depth, num_heads=num_heads, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def timm_convnext(*, dims: tuple[int, ...] = (8, 16, 32, 64), depths: tuple[int, ...] = (2, 2, 3, 2),
+                  num_classes: int = 3, v2: bool = False, conv_mlp: bool = False, **kwargs) -> torch.nn.Module:
+    import timm
+
+    name = "convnextv2_atto" if v2 else "convnext_tiny"
+    extra = {} if v2 else {"conv_mlp": conv_mlp}
+    return timm.create_model(name, pretrained=False, dims=dims, depths=depths, num_classes=num_classes, **extra,
+                             **kwargs)
+
+
+def transformers_vit(*, hidden_size: int = 16, num_hidden_layers: int = 4, num_attention_heads: int = 2,
+                     intermediate_size: int = 32, image_size: int = 16, patch_size: int = 4, num_channels: int = 3,
+                     num_labels: int = 3, deit: bool = False, **kwargs) -> torch.nn.Module:
+    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig,
+                              ViTForImageClassification)
+
+    config_class, model_class = (DeiTConfig, DeiTForImageClassificationWithTeacher) if deit else (
+        ViTConfig, ViTForImageClassification)
+    config = config_class(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                          num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+                          image_size=image_size, patch_size=patch_size, num_channels=num_channels,
+                          num_labels=num_labels, **kwargs)
+    return model_class(config)
+
+
+def transformers_convnext(*, hidden_sizes: tuple[int, ...] = (8, 16, 32, 64), depths: tuple[int, ...] = (2, 2, 3, 2),
+                          num_labels: int = 3, v2: bool = False, **kwargs) -> torch.nn.Module:
+    from transformers import (ConvNextConfig, ConvNextForImageClassification, ConvNextV2Config,
+                              ConvNextV2ForImageClassification)
+
+    config_class, model_class = (ConvNextV2Config, ConvNextV2ForImageClassification) if v2 else (
+        ConvNextConfig, ConvNextForImageClassification)
+    return model_class(config_class(hidden_sizes=list(hidden_sizes), depths=list(depths), num_labels=num_labels,
+                                    **kwargs))
+
+
+TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
+    ("timm", "vit"): timm_vit,
+    ("timm", "deit"): lambda **kw: timm_vit(distilled=True, **kw),
+    ("timm", "convnext"): timm_convnext,
+    ("timm", "convnextv2"): lambda **kw: timm_convnext(v2=True, **kw),
+    ("transformers", "vit"): transformers_vit,
+    ("transformers", "deit"): lambda **kw: transformers_vit(deit=True, **kw),
+    ("transformers", "convnext"): transformers_convnext,
+    ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
+}
+
+_STUDENT_ARGS = {
+    "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
+    "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
+                     "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
+}
+
+
+
+def _narrower(build: Callable[..., torch.nn.Module], **defaults) -> Callable[..., torch.nn.Module]:
+    return lambda **kwargs: build(**{**defaults, **kwargs})
+
+
+STUDENTS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
+    (library, family): _narrower(build, **_STUDENT_ARGS[library]["convnext" if "convnext" in family else "vit"])
+    for (library, family), build in TEACHERS.items()
+}
