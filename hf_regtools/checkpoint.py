@@ -2,8 +2,10 @@
 
 `CheckpointReader` is a read-only `Mapping[str, Tensor]` over the weight files of a model folder: one or several
 safetensors files (a `*.safetensors.index.json` shard index is followed), or a PyTorch `.bin` file opened with
-`torch.load(mmap=True)`. Each lookup reads that one tensor; the file is closed again so that no mapped pages of
-the checkpoint stay resident. Peak memory therefore stays near one tensor of the checkpoint.
+`torch.load(mmap=True)`. Each lookup reads that one tensor. safetensors files are memory-mapped, and mapped pages that
+were read count as resident memory until the file is closed, so the reader closes and reopens a file after
+`window_bytes` have been read through it: peak memory stays near one tensor plus that window, however large the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -34,6 +37,7 @@ class CheckpointReader(Mapping):
         key_map (`dict[str, str]`, *optional*): maps the names this reader exposes to names in the file, e.g. to
             present an old-format transformers checkpoint under the current module names. Keys not in the map
             keep their own name.
+        window_bytes (`int`, *optional*, defaults to 32 MiB): bytes read through one open file before it is reopened.
 
     Example:
 
@@ -44,16 +48,18 @@ class CheckpointReader(Mapping):
     ```
     """
 
-    def __init__(self, path: str | os.PathLike, *, key_map: Mapping[str, str] | None = None):
+    def __init__(self, path: str | os.PathLike, *, key_map: Mapping[str, str] | None = None,
+                 window_bytes: int = 32 * 2**20):
         self.path = Path(path)
+        self.window_bytes = window_bytes
+        self._open: tuple[Path, Any] | None = None
+        self._read_through_open = 0
         self._file_of: dict[str, Path] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
-        self._torch_file: Path | None = None
         for file in _weight_files(self.path):
             if file.suffix == ".safetensors":
                 self._index_safetensors(file)
             else:
-                self._torch_file = file
                 for key, tensor in _torch_load_mmap(file).items():
                     self._file_of[key] = file
                     self._shapes[key] = tuple(tensor.shape)
@@ -76,13 +82,27 @@ class CheckpointReader(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         stored = self._exposed[key]
         file = self._file_of[stored]
-        if file.suffix == ".safetensors":
-            try:
-                with safe_open(file, framework="pt") as handle:
-                    return handle.get_tensor(stored)
-            except (SafetensorError, OSError) as error:
-                raise CheckpointError(f"cannot read tensor {stored!r} from {file}: {error}") from error
-        return _torch_load_mmap(file)[stored].clone()
+        if file.suffix != ".safetensors":
+            return _torch_load_mmap(file)[stored].clone()
+        try:
+            if self._open is None or self._open[0] != file or self._read_through_open >= self.window_bytes:
+                self.close()
+                self._open = (file, safe_open(file, framework="pt"))
+            tensor = self._open[1].get_tensor(stored)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read tensor {stored!r} from {file}: {error}") from error
+        self._read_through_open += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        """Unmap the open file (reading again reopens it)."""
+        self._open, self._read_through_open = None, 0
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._exposed)
@@ -104,7 +124,8 @@ class CheckpointReader(Mapping):
     def with_key_map(self, key_map: Mapping[str, str]) -> CheckpointReader:
         """A reader over the same files exposing tensors under `key_map` names (see the class docstring)."""
         clone = object.__new__(CheckpointReader)
-        clone.path, clone._file_of, clone._shapes, clone._torch_file = self.path, self._file_of, self._shapes, self._torch_file
+        clone.path, clone._file_of, clone._shapes = self.path, self._file_of, self._shapes
+        clone.window_bytes, clone._open, clone._read_through_open = self.window_bytes, None, 0
         clone._expose(key_map)
         return clone
 

@@ -5,7 +5,6 @@ import of `huggingface_hub`, `transformers` or `timm` (see `../shared/specs/hub_
 """
 
 import os
-import socket
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="hf_regtools_tests_home_")
@@ -26,19 +25,34 @@ from hf_regtools.testing.fake_hub import FakeHub  # noqa: E402  (stdlib only)
 _FAKE_HUB = FakeHub().start()
 os.environ["HF_ENDPOINT"] = _FAKE_HUB.url
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 
-_real_connect = socket.socket.connect
+from hf_regtools.testing.network import install_network_guard  # noqa: E402
+
+install_network_guard()
+
+CLI_BOOTSTRAP = """
+import json, sys
+from hf_regtools.testing.network import install_network_guard
+install_network_guard(allow_loopback=sys.argv[1] == "loopback")
+from hf_regtools.cli import main
+print("EXIT_CODES", json.dumps([main(argv) for argv in json.loads(sys.argv[2])]))
+"""
 
 
-def _loopback_only_connect(self, address):
-    host = address[0] if isinstance(address, tuple) else address
-    if self.family in (socket.AF_INET, socket.AF_INET6) and host not in ("127.0.0.1", "localhost", "::1"):
-        raise OSError(f"network guard: tests may only connect to loopback, not {address!r}")
-    return _real_connect(self, address)
-
-
-socket.socket.connect = _loopback_only_connect
+def run_cli(calls, env, *, allow_loopback=True):
+    """Run `hf-regtools` calls (lists of arguments) in one fresh process; returns (exit codes, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", CLI_BOOTSTRAP, "loopback" if allow_loopback else "none", json.dumps(calls)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("EXIT_CODES")]
+    assert lines, f"CLI process failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(lines[-1].split(" ", 1)[1]), proc.stdout, proc.stderr
 
 
 @pytest.fixture
@@ -59,3 +73,9 @@ def hub_env():
 
 def pytest_sessionfinish(session, exitstatus):
     _FAKE_HUB.stop()
+
+
+@pytest.fixture
+def cli():
+    """`cli(calls, env, allow_loopback=True)`: run `hf-regtools` argument lists in one guarded subprocess."""
+    return run_cli

@@ -228,3 +228,17 @@ def library_adapter(library: str):
     from importlib import import_module
 
     return import_module(f"{__name__}.{library}")
+
+
+def library_of(model: torch.nn.Module) -> str:
+    """`"timm"` or `"transformers"`, from the module's class."""
+    module = type(model).__module__
+    for library in ("timm", "transformers"):
+        if module.startswith(library + "."):
+            return library
+    raise UnsupportedModelError(f"{type(model).__name__} (from {module}) is neither a timm nor a transformers model")
+
+
+def save_model(model: torch.nn.Module, folder) -> None:
+    """Save a timm or transformers model in its library's Hub format (safetensors + config)."""
+    library_adapter(library_of(model)).save(model, folder)

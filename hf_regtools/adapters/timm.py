@@ -24,9 +24,8 @@ class TimmModelConfig:
     num_classes: int | None = None
 
     def create(self, **overrides: Any) -> torch.nn.Module:
-        kwargs = {**self.model_args, **overrides}
-        if self.num_classes is not None:
-            kwargs.setdefault("num_classes", self.num_classes)
+        classes = {} if self.num_classes is None else {"num_classes": self.num_classes}
+        kwargs = {**self.model_args, **classes, **overrides}
         return timm.create_model(self.architecture, pretrained=False, **kwargs)
 
 

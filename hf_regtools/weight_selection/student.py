@@ -12,7 +12,7 @@ import torch
 from .. import hub
 from .._io import atomic_directory
 from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, detect_family, library_adapter,
-                        preset_shape)
+                        library_of, preset_shape)
 from ..checkpoint import CheckpointError, CheckpointReader
 from .config import WeightSelectionConfig
 from .functional import SelectionReport, select_weights
@@ -93,7 +93,7 @@ def initialize_student(
     overrides = StudentShape(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
 
     if isinstance(teacher, torch.nn.Module):
-        teacher_weights, library = teacher, _library_of_module(teacher)
+        teacher_weights, library = teacher, library_of(teacher)
         teacher_name, teacher_revision, on_hub = _module_name(teacher), None, False
         teacher_config = _config_of_module(teacher, library)
     else:
@@ -113,15 +113,6 @@ def initialize_student(
 
 def _keys(weights) -> list[str]:
     return list(weights.state_dict() if isinstance(weights, torch.nn.Module) else weights.keys())
-
-
-def _library_of_module(model: torch.nn.Module) -> str:
-    module = type(model).__module__
-    for library in ("timm", "transformers"):
-        if module.startswith(library + "."):
-            return library
-    raise UnsupportedModelError(f"the teacher is a {type(model).__name__} from {module}; weight selection supports "
-                                "timm and transformers models")
 
 
 def _module_name(model: torch.nn.Module) -> str:
@@ -145,7 +136,7 @@ def _build_student(student, overrides: StudentShape, num_labels, family: ModelFa
     shape, source, base_config = overrides, "teacher config with overrides", teacher_config
     if isinstance(student, StudentShape):
         shape = student.merged(overrides)
-    elif isinstance(student, str) and student in PRESETS:
+    elif isinstance(student, str) and (student in PRESETS or _is_bare_name(student, library)):
         shape, source = preset_shape(student, family).merged(overrides), f"preset {student}"
     elif student is not None:
         resolved = hub.resolve_model(student, weights=False)
@@ -161,6 +152,13 @@ def _build_student(student, overrides: StudentShape, num_labels, family: ModelFa
     model = adapter.create(adapter.student_config(base_config, shape, family, num_labels))
     _check_same_family(model, family)
     return model, source
+
+
+def _is_bare_name(reference: str, library: str) -> bool:
+    """Neither a folder, nor a Hub id, nor a timm pretrained tag: can only have been meant as a preset."""
+    if "/" in reference or Path(reference).exists():
+        return False
+    return library != "timm" or library_adapter("timm").hub_id_of(reference) is None
 
 
 def _check_same_family(student: torch.nn.Module, family: ModelFamily) -> None:

@@ -1,0 +1,107 @@
+"""Benchmark: weight selection reading the teacher tensor by tensor vs loading its full state dict first.
+
+Creates random-weight ViT-B/16 and ViT-L/16 teachers as safetensors files, then selects a ViT-Tiny student from each,
+every measurement in a fresh process:
+
+- `lazy`: `select_weights(CheckpointReader(file), student)` (what `initialize_student` / `hf-regtools select` do);
+- `full` (baseline): `safetensors.torch.load_file(file)` then `select_weights(state_dict, student)`.
+
+Printed: wall time of the selection (imports excluded), the peak memory it adds above the interpreter's own
+(RSS after imports; peak from `VmHWM` in /proc/self/status, the high-water mark of this process's own
+address space: `ru_maxrss` would carry over the parent's peak across `exec`), and lazy/full ratios. Target for ViT-L/16 -> ViT-Tiny: memory ratio at
+most 0.3, time ratio at most 1.0.
+
+    python benchmarks/weight_selection.py [--repeats 3] [--cache-dir benchmarks/.cache]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+TEACHERS = {"ViT-B/16": "vit_base_patch16_224", "ViT-L/16": "vit_large_patch16_224"}
+STUDENT = "vit_tiny_patch16_224"
+
+CHILD = r"""
+import json, sys, time
+import psutil, torch, timm
+from safetensors.torch import load_file
+from hf_regtools.checkpoint import CheckpointReader
+from hf_regtools.weight_selection import select_weights
+torch.set_num_threads(1)
+mode, path, student_name = sys.argv[1:4]
+baseline = psutil.Process().memory_info().rss
+start = time.perf_counter()
+student = timm.create_model(student_name, pretrained=False)
+teacher = CheckpointReader(path) if mode == "lazy" else load_file(path)
+report = select_weights(teacher, student)
+seconds = time.perf_counter() - start
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "added_bytes": peak - baseline, "baseline_bytes": baseline,
+                  "loaded": len(report.loaded)}))
+"""
+
+
+def make_teacher(architecture: str, path: Path) -> Path:
+    """Write a random-weight teacher (normal(0, 0.02) everywhere) without timm's slow initialization."""
+    if path.is_file():
+        return path
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        skeleton = timm.create_model(architecture, pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    tensors = {key: torch.randn(value.shape, generator=generator) * 0.02 for key, value in skeleton.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial))
+    partial.replace(path)
+    return path
+
+
+def measure(mode: str, path: Path) -> dict:
+    env_python = [sys.executable, "-c", CHILD, mode, str(path), STUDENT]
+    proc = subprocess.run(env_python, capture_output=True, text=True, check=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "", "HOME": str(Path.home())})
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache-dir", type=Path, default=Path(__file__).parent / ".cache")
+    args = parser.parse_args()
+
+    rows, met = [], True
+    for label, architecture in TEACHERS.items():
+        path = make_teacher(architecture, args.cache_dir / f"{architecture}.safetensors")
+        results = {mode: [measure(mode, path) for _ in range(args.repeats)] for mode in ("full", "lazy")}
+        median = {mode: {k: statistics.median(r[k] for r in runs) for k in ("seconds", "added_bytes")}
+                  for mode, runs in results.items()}
+        time_ratio = median["lazy"]["seconds"] / median["full"]["seconds"]
+        memory_ratio = median["lazy"]["added_bytes"] / median["full"]["added_bytes"]
+        rows.append((label, path.stat().st_size, median, time_ratio, memory_ratio))
+        if label == "ViT-L/16":
+            met = memory_ratio <= 0.3 and time_ratio <= 1.0
+        interpreter = statistics.median(r["baseline_bytes"] for r in results["lazy"])
+
+    print(f"weight selection -> {STUDENT}, median of {args.repeats} fresh processes, 1 thread each; "
+          f"interpreter after imports: {interpreter / 2**20:.0f} MiB")
+    print(f"{'teacher':<10}{'file MiB':>10}{'full s':>9}{'lazy s':>9}{'time ratio':>12}"
+          f"{'full +MiB':>11}{'lazy +MiB':>11}{'memory ratio':>14}")
+    for label, size, median, time_ratio, memory_ratio in rows:
+        print(f"{label:<10}{size / 2**20:>10.0f}{median['full']['seconds']:>9.2f}{median['lazy']['seconds']:>9.2f}"
+              f"{time_ratio:>12.2f}{median['full']['added_bytes'] / 2**20:>11.0f}"
+              f"{median['lazy']['added_bytes'] / 2**20:>11.0f}{memory_ratio:>14.2f}")
+    print(f"target for ViT-L/16 (memory ratio <= 0.30, time ratio <= 1.00): {'met' if met else 'NOT met'}")
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Hub pull and push without network: a hand-filled offline cache and the loopback fake Hub (hub_testing.md)."""
+
+import os
+import uuid
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
+
+from hf_regtools.adapters import save_model
+from hf_regtools.hub import HubError, build_model_card, load_model, push_folder, resolve_model
+from hf_regtools.testing.offline_cache import add_to_cache
+from hf_regtools.testing.tiny_models import timm_vit, transformers_vit
+from hf_regtools.weight_selection import initialize_student, uniform_indices
+
+
+def repo(name="tiny"):
+    return f"org/{name}-{uuid.uuid4().hex[:8]}"
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture
+def teachers(tmp_path):
+    torch.manual_seed(0)
+    models = {"timm": timm_vit(embed_dim=16, depth=3), "transformers": transformers_vit(hidden_size=16, num_hidden_layers=3)}
+    folders = {}
+    for library, model in models.items():
+        folders[library] = tmp_path / f"teacher_{library}"
+        save_model(model, folders[library])
+    return models, folders
+
+
+def test_offline_cache_pull_with_cli(tmp_path, teachers, cli):
+    models, folders = teachers
+    cache = tmp_path / "cache"
+    repos = {library: repo(f"teacher-{library}") for library in folders}
+    shas = {library: add_to_cache(cache, repos[library], folder) for library, folder in folders.items()}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    calls = [
+        ["select", f"hf-hub:{repos['timm']}", "--hidden-size", "8", "--depth", "2", "--output", str(tmp_path / "s_timm")],
+        ["select", repos["transformers"], "--hidden-size", "8", "--depth", "2", "--num-labels", "4",
+         "--output", str(tmp_path / "s_hf")],
+        ["select", "org/not-in-cache", "--student", "vit-tiny", "--output", str(tmp_path / "missing")],
+    ]
+    codes, out, err = cli(calls, env, allow_loopback=False)
+    assert codes == [0, 0, 2], err
+    assert "not in the local cache" in err and "network guard" not in err + out
+    assert not (tmp_path / "missing").exists()
+
+    import timm
+    from transformers import ViTForImageClassification
+
+    student = timm.create_model(f"local-dir:{tmp_path / 's_timm'}", pretrained=True)
+    idx = uniform_indices(16, 8)
+    assert torch.equal(student.blocks[1].attn.qkv.weight, models["timm"].blocks[1].attn.qkv.weight[
+        torch.cat([uniform_indices(16, 8) + i * 16 for i in range(3)])][:, idx])
+    hf_student = ViTForImageClassification.from_pretrained(tmp_path / "s_hf")
+    assert hf_student.config.num_labels == 4
+    assert torch.equal(hf_student.vit.layers[1].mlp.fc2.weight, models["transformers"].vit.layers[1].mlp.fc2.weight[idx][:, uniform_indices(32, 16)])
+    for library in ("timm", "transformers"):
+        card = ModelCard.load(tmp_path / ("s_timm" if library == "timm" else "s_hf") / "README.md")
+        assert card.data.base_model == repos[library] and card.data.library_name == library
+        assert shas[library] in card.text
+
+
+def test_offline_missing_file_raises_clear_error(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    folder = tmp_path / "t"
+    save_model(timm_vit(), folder)
+    (folder / "model.safetensors").unlink()
+    cache = tmp_path / "cache"
+    repo_id = repo()
+    add_to_cache(cache, repo_id, folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+        hf_hub_download(repo_id, "model.safetensors", cache_dir=cache)
+    with pytest.raises(HubError, match="not in the local cache"):
+        resolve_model("org/absent", revision=None)
+
+
+def test_push_then_pull_round_trip(tmp_path, teachers, fake_hub):
+    models, folders = teachers
+    for library in ("timm", "transformers"):
+        teacher_repo, student_repo = repo("teacher"), repo("student")
+        push_folder(folders[library], teacher_repo)
+        result = initialize_student(teacher_repo, hidden_size=8, depth=2)
+        assert result.teacher == teacher_repo and result.teacher_revision == fake_hub.commits(teacher_repo)[-1]
+        out = result.save(tmp_path / f"student_{library}")
+        sha = push_folder(out, student_repo)
+        assert len(sha) == 40 and fake_hub.commits(student_repo) == [sha]
+
+        for path in sorted(p.name for p in out.iterdir()):
+            assert Path(hf_hub_download(student_repo, path)).read_bytes() == (out / path).read_bytes()
+        snapshot = Path(snapshot_download(student_repo))
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in out.iterdir())
+        assert snapshot.parent.parent.joinpath("refs", "main").read_text() == sha
+
+        card = ModelCard.load(student_repo)
+        assert card.data.base_model == teacher_repo and card.data.library_name == library
+        assert {"hf-regtools", "weight-selection"} <= set(card.data.tags)
+        assert "`uniform`" in card.text and "per_chunk" in card.text
+
+        if library == "timm":
+            import timm
+
+            reloaded = timm.create_model(f"hf-hub:{student_repo}", pretrained=True)
+        else:
+            from transformers import AutoModelForImageClassification
+
+            reloaded = AutoModelForImageClassification.from_pretrained(student_repo)
+        assert same_weights(reloaded, result.model)
+        assert same_weights(load_model(student_repo), result.model)
+
+        (out / "extra.txt").write_text("second push")
+        second = push_folder(out, student_repo)
+        assert second != sha and fake_hub.commits(student_repo) == [sha, second]
+        assert fake_hub.files(student_repo)["model.safetensors"] == (out / "model.safetensors").read_bytes()
+        assert "extra.txt" in fake_hub.files(student_repo) and "extra.txt" not in fake_hub.files(student_repo, sha)
+    assert HfApi().create_repo(student_repo, exist_ok=True).repo_id == student_repo
+
+
+def test_cli_push_and_hub_errors(tmp_path, teachers, fake_hub, hub_env, cli):
+    _, folders = teachers
+    teacher_repo, student_repo = repo("teacher"), repo("student")
+    push_folder(folders["timm"], teacher_repo)
+    secret = "hf_SECRETtoken" + uuid.uuid4().hex
+    env = {**hub_env, "HF_TOKEN": secret}
+    base = ["select", teacher_repo, "--hidden-size", "8", "--depth", "2"]
+    codes, out, err = cli([[*base, "--output", str(tmp_path / "ok"), "--push-to-hub", student_repo],
+                           ["select", "org/does-not-exist", "--hidden-size", "8", "--output", str(tmp_path / "nf")]], env)
+    assert codes == [0, 2], err
+    assert f"pushed to {student_repo}" in out and "repository not found" in err
+    assert fake_hub.files(student_repo).keys() == {"README.md", "config.json", "model.safetensors"}
+
+    fake_hub.add_fault("POST", r"/api/repos/create", 401)
+    codes, out, err = cli([[*base, "--output", str(tmp_path / "unauth"), "--push-to-hub", repo()]], env)
+    fake_hub.clear_faults()
+    fake_hub.add_fault("POST", r"/commit/", 500)
+    codes2, out2, err2 = cli([[*base, "--output", str(tmp_path / "down"), "--push-to-hub", repo()]], env)
+    fake_hub.clear_faults()
+    assert codes == [2] and "not authorized (HTTP 401)" in err and "intact" in err
+    assert codes2 == [2] and "server error (HTTP 500)" in err2
+    for name in ("unauth", "down"):
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    everything = out + err + out2 + err2 + "".join(
+        p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in ("", ".md", ".json"))
+    assert secret not in everything
+
+
+def test_model_card_template():
+    card = build_model_card("weight_selection", card_data=dict(base_model="org/teacher", library_name="timm",
+                                                              tags=["weight-selection"]),
+                            teacher="org/teacher", teacher_revision="a" * 40, library="timm", family="timm vit",
+                            student_source="preset vit-tiny", architecture="vit", parameters="5.7M",
+                            settings={"mode": "uniform"}, loaded=10, skipped={"head.weight": "classifier"},
+                            paper="P", arxiv="2311.18823", code_repo="OscarXZQ/weight-selection")
+    assert card.data.tags == ["hf-regtools", "weight-selection"] and card.data.base_model == "org/teacher"
+    assert "`head.weight`: classifier" in card.text and "hf-hub:" in card.text
