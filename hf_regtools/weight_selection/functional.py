@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, MutableMapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -245,17 +246,18 @@ def select_weights(
     for key, target in student_tensors.items():
         if key in skipped:
             continue
-        source = _match_ndim(teacher_tensors[key], tuple(target.shape), key, reshape_1x1)
         chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(key) else 1
-        selected = select_tensor(source, target.shape, plan=plan, qkv_chunks=chunks, name=key,
-                                 fixed_axes=family.fixed_axes(key, source.ndim))
-        if isinstance(student, torch.nn.Module):
-            with torch.no_grad():
-                target.copy_(selected)
-        else:
-            student[key] = selected.to(dtype=target.dtype, device=target.device)
+        with _borrowed(teacher_tensors, key) as teacher_tensor:
+            source = _match_ndim(teacher_tensor, tuple(target.shape), key, reshape_1x1)
+            selected = select_tensor(source, target.shape, plan=plan, qkv_chunks=chunks, name=key,
+                                     fixed_axes=family.fixed_axes(key, source.ndim))
+            if isinstance(student, torch.nn.Module):
+                with torch.no_grad():
+                    target.copy_(selected)
+            else:
+                student[key] = selected.to(dtype=target.dtype, device=target.device, copy=True)
+            del teacher_tensor, source, selected  # keep at most one teacher tensor alive
         report.loaded.append(key)
-        del source, selected  # keep at most one teacher tensor alive
     report.teacher_unused = [key for key in teacher_tensors if key not in student_tensors]
     return report
 
@@ -278,6 +280,16 @@ def _teacher_tensors(teacher, student) -> Mapping[str, torch.Tensor]:
             aligned.update({new: teacher[old] for new, old in key_map.items()})
             return aligned
     return teacher
+
+
+@contextmanager
+def _borrowed(tensors: Mapping[str, torch.Tensor], key: str):
+    """A zero-copy view when the mapping lends one (`CheckpointReader.borrowed`), else `tensors[key]`."""
+    if hasattr(tensors, "borrowed"):
+        with tensors.borrowed(key) as tensor:
+            yield tensor
+    else:
+        yield tensors[key]
 
 
 def _is_transformers_model(model) -> bool:
