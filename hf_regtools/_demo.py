@@ -34,8 +34,8 @@ def _training_args(output_dir: Path, *, steps: int, seed: int, **overrides):
 
     settings = dict(output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=64,
                     per_device_eval_batch_size=256, learning_rate=1e-3, weight_decay=0.05, lr_scheduler_type="cosine",
-                    warmup_steps=max(1, steps // 20), logging_steps=5, save_strategy="no", report_to="none",
-                    use_cpu=not torch.cuda.is_available(), seed=seed, max_grad_norm=0.0)
+                    warmup_steps=max(1, steps // 20), logging_steps=max(1, min(5, steps // 4)), save_strategy="no",
+                    report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed, max_grad_norm=0.0)
     return TrainingArguments(**{**settings, **overrides})
 
 
@@ -70,9 +70,15 @@ def _resized(dataset, image_size: int, channels: int):
     return dataset
 
 
-def run_demo(*, teacher: str | None = None, output_dir: str | Path = "outputs", steps: int = 150, seed: int = 0,
-             teacher_steps: int = 250) -> dict[str, Run]:
-    """Run the demo; returns the runs by name and writes the table, the plot and the student under `output_dir`."""
+def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path = "outputs", steps: int = 150,
+             seed: int = 0, teacher_steps: int = 250) -> dict[str, Run]:
+    """Run the demo; returns the runs by name and writes the table, the plot and the student under `output_dir`.
+
+    Args:
+        teacher (`str`, *optional*): Hub id of a transformers ViT/ConvNeXt; default: train one on digits 0-4.
+        student (*optional*): anything `initialize_student` takes as a student; default: half the default teacher's
+            width and depth, or `vit-tiny` / `convnext-femto` for a Hub teacher.
+    """
     from rich.console import Console
     from transformers import ViTConfig, ViTForImageClassification, set_seed
 
@@ -95,14 +101,15 @@ def run_demo(*, teacher: str | None = None, output_dir: str | Path = "outputs", 
                                             seed=seed)
         teacher_ref = output_dir / "teacher"
         save_model(teacher_model, teacher_ref)
-        student_spec, overrides = None, DEFAULT_STUDENT
+        student_spec, overrides = (None, DEFAULT_STUDENT) if student is None else (student, {})
     else:
         console.rule(f"1. Teacher: {teacher} from the Hub")
         resolved = resolve_model(teacher)
         teacher_ref = teacher
         from .checkpoint import CheckpointReader
 
-        student_spec, overrides = HUB_STUDENTS[detect_family(CheckpointReader(resolved.folder)).layout], {}
+        layout = detect_family(CheckpointReader(resolved.folder)).layout
+        student_spec, overrides = (HUB_STUDENTS[layout] if student is None else student), {}
         if resolved.library != "transformers":
             raise ValueError("the demo fine-tunes with transformers.Trainer: pass a transformers ViT/ConvNeXt teacher")
         config = resolved.config()

@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="weight selection on scikit-learn digits, next to random init")
     demo.add_argument("--teacher", help="Hub id of a pretrained ViT/ConvNeXt teacher (needs a network); default: "
                                         "train a small ViT teacher on digits 0-4")
+    demo.add_argument("--student", help="student preset, Hub id or config folder (default: vit-tiny / convnext-femto for "
+                                        "a Hub teacher, half the default teacher otherwise)")
     demo.add_argument("--output-dir", default="outputs", help="where the plot, the table and the student go")
     demo.add_argument("--steps", type=int, default=150, help="fine-tuning steps per student")
     demo.add_argument("--seed", type=int, default=0)
@@ -77,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _select(args)
         from ._demo import run_demo
 
-        run_demo(teacher=args.teacher, output_dir=args.output_dir, steps=args.steps, seed=args.seed)
+        run_demo(teacher=args.teacher, student=args.student, output_dir=args.output_dir, steps=args.steps,
+                 seed=args.seed)
         return 0
     except _user_errors() as error:
         print(f"hf-regtools {args.command}: error: {error}", file=sys.stderr)

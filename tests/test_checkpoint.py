@@ -1,9 +1,7 @@
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from hf_regtools import checkpoint
 
 from hf_regtools.checkpoint import CheckpointError, CheckpointReader
 
@@ -14,19 +12,42 @@ def tensors():
     return {f"layer.{i}.weight": torch.randn(64, 64) for i in range(6)}
 
 
-def test_safetensors_reader_reads_lazily_and_reopens_after_window(tmp_path, tensors, monkeypatch):
+def test_safetensors_reader_reads_lazily(tmp_path, tensors):
     save_file(tensors, tmp_path / "model.safetensors")
-    reader = CheckpointReader(tmp_path, window_bytes=2 * 64 * 64 * 4)
+    reader = CheckpointReader(tmp_path)
     assert set(reader) == set(tensors) and len(reader) == 6
     assert reader.shape("layer.3.weight") == (64, 64)
-    opened = []
-    monkeypatch.setattr(checkpoint, "safe_open", lambda *a, **k: opened.append(a) or safe_open(*a, **k))
-    for key in tensors:
-        assert torch.equal(reader[key], tensors[key])
-    assert len(opened) == 3  # two tensors per open file, then a fresh mapping
+    copy = reader["layer.0.weight"]
+    copy.zero_()
+    assert torch.equal(reader["layer.0.weight"], tensors["layer.0.weight"])
+    with reader.borrowed("layer.1.weight") as view:
+        assert torch.equal(view, tensors["layer.1.weight"])
     with reader:
-        reader["layer.0.weight"]
-    assert reader._open is None
+        assert torch.equal(reader["layer.2.weight"], tensors["layer.2.weight"])
+
+
+def resident_bytes():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:"))
+
+
+def test_borrowed_tensors_do_not_stay_resident(tmp_path):
+    big = {f"block.{i}.weight": torch.randn(2048, 1024) for i in range(8)}  # 8 x 8 MiB
+    save_file(big, tmp_path / "model.safetensors")
+    del big
+
+    def grown_by(teacher, read):
+        before = resident_bytes()
+        for key in list(teacher):
+            read(teacher, key)
+        return (resident_bytes() - before) / 2**20
+
+    def through_borrow(teacher, key):
+        with teacher.borrowed(key) as view:
+            view.index_select(0, torch.arange(0, 2048, 4))
+
+    unreleased = grown_by(load_file(tmp_path / "model.safetensors"), lambda t, k: t[k].index_select(0, torch.arange(0, 2048, 4)))
+    released = grown_by(CheckpointReader(tmp_path), through_borrow)
+    assert unreleased > 48 and released < 16, (unreleased, released)
 
 
 @pytest.mark.parametrize("wrapper", [None, "model", "state_dict"])

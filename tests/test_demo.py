@@ -16,3 +16,21 @@ def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
     assert card.data.library_name == "transformers" and "weight-selection" in card.data.tags
     printed = capsys.readouterr().out
     assert "weight selection" in printed and "random init" in printed and "test accuracy" in printed
+
+
+def test_demo_with_a_hub_teacher_resizes_the_digits(tmp_path, fake_hub):
+    import uuid
+
+    from hf_regtools.adapters import StudentShape, save_model
+    from hf_regtools.hub import push_folder
+    from hf_regtools.testing.tiny_models import transformers_vit
+
+    repo_id = f"org/vit-teacher-{uuid.uuid4().hex[:8]}"
+    save_model(transformers_vit(hidden_size=16, image_size=16, patch_size=4, num_channels=3, num_labels=7),
+               tmp_path / "teacher")
+    push_folder(tmp_path / "teacher", repo_id)
+    runs = run_demo(teacher=repo_id, student=StudentShape(hidden_size=8, depth=2), output_dir=tmp_path / "out",
+                    steps=4)
+    assert set(runs) == {"weight selection", "random init"}
+    card = ModelCard.load(tmp_path / "out" / "student" / "README.md")
+    assert card.data.base_model == repo_id
