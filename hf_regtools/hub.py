@@ -77,31 +77,40 @@ def parse_reference(reference: str, revision: str | None = None) -> tuple[str, s
 
 
 @contextmanager
-def hub_errors(action: str, repo_id: str | None = None):
+def hub_errors(action: str, repo_id: str | None = None, *, write: bool = False):
     """Translate `huggingface_hub` errors into `HubError`s that say what to do."""
-    what = f"{action} {repo_id!r}" if repo_id else action
     try:
         yield
-    except GatedRepoError as error:
-        raise HubError(f"{what}: the repo is gated; accept its terms on the Hub and log in (`hf auth login`)") from error
-    except RepositoryNotFoundError as error:
-        raise HubError(f"{what}: repository not found. Check the id, or log in (`hf auth login` or the HF_TOKEN "
-                       "environment variable) if it is private") from error
-    except RevisionNotFoundError as error:
-        raise HubError(f"{what}: revision not found; check the branch, tag or commit") from error
-    except LocalEntryNotFoundError as error:
-        raise HubError(f"{what}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no "
-                       "network). Download it once online, or pass a local folder") from error
-    except EntryNotFoundError as error:
-        raise HubError(f"{what}: a required file is missing from the repo ({_server_message(error)})") from error
-    except HfHubHTTPError as error:
-        status = getattr(error.response, "status_code", None)
-        if status in (401, 403):
-            raise HubError(f"{what}: not authorized (HTTP {status}). Log in with `hf auth login` or set HF_TOKEN to a "
-                           "token with write access to this namespace") from error
-        if status is not None and status >= 500:
-            raise HubError(f"{what}: the Hub answered with a server error (HTTP {status}); try again later") from error
-        raise HubError(f"{what}: HTTP {status}: {_server_message(error)}") from error
+    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+        what = f"{action} {repo_id!r}" if repo_id else action
+        raise HubError(f"{what}: {_explain(error, write)}") from error
+
+
+def _explain(error: Exception, write: bool) -> str:
+    if isinstance(error, LocalEntryNotFoundError):
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, HfHubHTTPError):
+            return _explain(cause, write)
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            return ("not in the local cache and HF_HUB_OFFLINE=1 is set. Download it once online, or pass a local "
+                    "folder")
+        return "not in the local cache and the Hub cannot be reached. Check the network, or pass a local folder"
+    if isinstance(error, GatedRepoError):
+        return "the repo is gated; accept its terms on the Hub and log in (`hf auth login`)"
+    if isinstance(error, RepositoryNotFoundError):
+        return ("repository not found. Check the id, or log in (`hf auth login` or the HF_TOKEN environment "
+                "variable) if it is private")
+    if isinstance(error, RevisionNotFoundError):
+        return "revision not found; check the branch, tag or commit"
+    if isinstance(error, EntryNotFoundError):
+        return f"a required file is missing from the repo ({_server_message(error)})"
+    status = getattr(error.response, "status_code", None)
+    if status in (401, 403):
+        access = "write access to this namespace" if write else "access to this repo"
+        return f"not authorized (HTTP {status}). Log in with `hf auth login` or set HF_TOKEN to a token with {access}"
+    if status is not None and status >= 500:
+        return f"the Hub answered with a server error (HTTP {status}); try again later"
+    return f"HTTP {status}: {_server_message(error)}"
 
 
 def _server_message(error: Exception) -> str:
@@ -214,7 +223,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     if repo_id.count("/") != 1:
         raise ValueError(f"repo id {repo_id!r} must be namespaced as 'org/name'")
     api = HfApi(endpoint=huggingface_hub.constants.ENDPOINT, token=token)
-    with hub_errors("cannot push to", repo_id):
+    with hub_errors("cannot push to", repo_id, write=True):
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
                                    commit_message=commit_message)

@@ -33,6 +33,13 @@ def _repo_id() -> str:
     return f"org/{uuid.uuid4().hex[:8]}"
 
 
+def _pushed(folder) -> tuple[str, str]:
+    """Creates a fresh repo and uploads `folder` to it; returns `(repo_id, commit sha)`."""
+    repo_id = _repo_id()
+    HfApi().create_repo(repo_id)
+    return repo_id, HfApi().upload_folder(repo_id=repo_id, folder_path=folder).oid
+
+
 def _write_folder(folder, *, weights=None, note="first") -> dict[str, bytes]:
     """Writes a README.md model card, config.json and model.safetensors; returns `{name: bytes}`."""
     os.makedirs(folder, exist_ok=True)
@@ -97,11 +104,9 @@ def test_upload_folder_round_trip(fake_hub, tmp_path):
 
 
 def test_second_upload_creates_new_commit(fake_hub, tmp_path):
-    repo_id = _repo_id()
-    api = HfApi()
-    api.create_repo(repo_id)
     first_files = _write_folder(tmp_path / "push")
-    first = api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "push").oid
+    repo_id, first = _pushed(tmp_path / "push")
+    api = HfApi()
     # Only the weights change: the client skips unchanged files (preupload reports their oid), the Hub keeps them.
     second_files = _write_folder(tmp_path / "push", weights={"weight": torch.zeros(2, 3)})
     second = api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "push").oid
@@ -149,10 +154,7 @@ def test_transformers_from_pretrained_round_trip(fake_hub, tmp_path):
     model = ViTForImageClassification(config)
     model.save_pretrained(tmp_path / "vit")
     assert (tmp_path / "vit" / "model.safetensors").exists()
-    repo_id = _repo_id()
-    api = HfApi()
-    api.create_repo(repo_id)
-    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "vit")
+    repo_id, _ = _pushed(tmp_path / "vit")
 
     reloaded = ViTForImageClassification.from_pretrained(repo_id)
     _assert_same_weights(model, reloaded)
@@ -168,10 +170,7 @@ def test_timm_hf_hub_round_trip(fake_hub, tmp_path):
     model_args = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
     model = timm.create_model("vit_tiny_patch16_224", **model_args)
     timm.models.save_for_hf(model, tmp_path / "timm", safe_serialization=True, model_args=model_args)
-    repo_id = _repo_id()
-    api = HfApi()
-    api.create_repo(repo_id)
-    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "timm")
+    repo_id, _ = _pushed(tmp_path / "timm")
 
     config = json.loads(fake_hub.files(repo_id)["config.json"])
     assert config["architecture"] == "vit_tiny_patch16_224"
@@ -184,11 +183,8 @@ def test_timm_hf_hub_round_trip(fake_hub, tmp_path):
 
 def test_missing_file_repo_and_revision(fake_hub, tmp_path):
     unknown_before = len(fake_hub.unknown_routes)
-    repo_id = _repo_id()
-    api = HfApi()
-    api.create_repo(repo_id)
     _write_folder(tmp_path / "push")
-    api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "push")
+    repo_id, _ = _pushed(tmp_path / "push")
 
     with pytest.raises(EntryNotFoundError):
         hf_hub_download(repo_id, "missing.bin")
@@ -197,9 +193,9 @@ def test_missing_file_repo_and_revision(fake_hub, tmp_path):
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download(_repo_id(), "config.json")
     with pytest.raises(RepositoryNotFoundError):
-        api.model_info(_repo_id())
+        HfApi().model_info(_repo_id())
     with pytest.raises(RepositoryNotFoundError):
-        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=_repo_id())
+        HfApi().upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=_repo_id())
     assert fake_hub.unknown_routes[unknown_before:] == []
 
 
@@ -234,11 +230,8 @@ def test_injected_faults(fake_hub, tmp_path):
 
 
 def test_download_cache_layout(fake_hub, tmp_path):
-    repo_id = _repo_id()
-    api = HfApi()
-    api.create_repo(repo_id)
     uploaded = _write_folder(tmp_path / "push")
-    sha = api.upload_folder(repo_id=repo_id, folder_path=tmp_path / "push").oid
+    repo_id, sha = _pushed(tmp_path / "push")
     snapshot_download(repo_id)
 
     repo_cache = os.path.join(constants.HF_HUB_CACHE, "models--" + repo_id.replace("/", "--"))

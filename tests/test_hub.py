@@ -1,6 +1,7 @@
 """Hub pull and push without network: a hand-filled offline cache and the loopback fake Hub (hub_testing.md)."""
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -163,3 +164,24 @@ def test_model_card_template():
                             paper="P", arxiv="2311.18823", code_repo="OscarXZQ/weight-selection")
     assert card.data.tags == ["hf-regtools", "weight-selection"] and card.data.base_model == "org/teacher"
     assert "`head.weight`: classifier" in card.text and "hf-hub:" in card.text
+
+
+def test_pull_errors_and_student_config_from_the_hub(tmp_path, teachers, fake_hub):
+    _, folders = teachers
+    teacher_repo, student_config_repo = repo("teacher"), repo("student-config")
+    push_folder(folders["transformers"], teacher_repo)
+    (tmp_path / "cfg").mkdir()
+    transformers_vit(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16,
+                     num_labels=2).config.save_pretrained(tmp_path / "cfg")
+    push_folder(tmp_path / "cfg", student_config_repo)
+    result = initialize_student(teacher_repo, student_config_repo)
+    assert result.student_source == f"config {student_config_repo}" and result.model.config.num_hidden_layers == 1
+
+    other = repo("teacher")
+    push_folder(folders["timm"], other)
+    for status, message in ((401, "not authorized (HTTP 401)"), (500, "server error (HTTP 500)")):
+        fake_hub.add_fault("GET", rf"/api/models/{other}/revision", status)
+        with pytest.raises(HubError, match=re.escape(message)) as raised:
+            resolve_model(other)
+        assert "write access" not in str(raised.value)
+        fake_hub.clear_faults()
