@@ -6,7 +6,7 @@ Entry points are stored as `"module:attribute"` strings so that reading the regi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import import_module
 from importlib.resources import files
 from typing import Any

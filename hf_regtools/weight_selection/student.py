@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from .. import hub
 from .._io import atomic_directory
 from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, detect_family, library_adapter,
                         library_of, preset_shape)
-from ..checkpoint import CheckpointError, CheckpointReader
+from ..checkpoint import CheckpointReader
 from .config import WeightSelectionConfig
 from .functional import SelectionReport, select_weights
 
@@ -40,7 +40,6 @@ class SelectedStudent:
     config: WeightSelectionConfig
     student_source: str
     teacher_on_hub: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write weights, config and model card to `output_dir` atomically; see `save_student`."""
@@ -102,17 +101,13 @@ def initialize_student(
         on_hub = resolved.repo_id is not None
         teacher_weights = CheckpointReader(resolved.folder)
         teacher_config = library_adapter(library).load_config(resolved.folder)
-    family = detect_family(_keys(teacher_weights), role="teacher")
+    family = detect_family(teacher_weights, role="teacher")
 
     model, source = _build_student(student, overrides, num_labels, family, library, teacher_config)
     report = select_weights(teacher_weights, model, **config.to_dict())
     return SelectedStudent(model=model, report=report, library=library, teacher=teacher_name,
                            teacher_revision=teacher_revision, config=config, student_source=source,
                            teacher_on_hub=on_hub)
-
-
-def _keys(weights) -> list[str]:
-    return list(weights.state_dict() if isinstance(weights, torch.nn.Module) else weights.keys())
 
 
 def _module_name(model: torch.nn.Module) -> str:
@@ -211,4 +206,4 @@ def _architecture_summary(result: SelectedStudent) -> str:
     return f"{type(model).__name__} ({', '.join(f'{k}={getattr(config, k)}' for k in keys if hasattr(config, k))})"
 
 
-__all__ = ["SelectedStudent", "initialize_student", "save_student", "model_card", "CheckpointError"]
+__all__ = ["SelectedStudent", "initialize_student", "model_card", "save_student"]

@@ -6,7 +6,7 @@ import torch
 
 from hf_regtools.adapters import UnsupportedModelError, detect_family
 from hf_regtools.testing.tiny_models import STUDENTS, TEACHERS, timm_convnext, timm_vit, transformers_vit
-from hf_regtools.weight_selection import WeightSelectionError, select_weights, uniform_indices
+from hf_regtools.weight_selection import WeightSelectionError, select_tensor, select_weights, uniform_indices
 
 FAMILIES = sorted(TEACHERS)
 
@@ -143,17 +143,14 @@ def test_qkv_modes():
     select_weights(teacher, b, qkv_mode="fused")
     assert torch.equal(a.blocks[0].attn.qkv.weight, b.blocks[0].attn.qkv.weight)
 
-    teacher = {"blocks.0.attn.qkv.weight": torch.randn(1152, 384)}
-    per_chunk, fused = {"blocks.0.attn.qkv.weight": torch.empty(960, 320)}, {"blocks.0.attn.qkv.weight": torch.empty(960, 320)}
+    qkv = torch.randn(1152, 384)
     embed = uniform_indices(384, 320)
-    from hf_regtools.weight_selection import select_tensor
-
-    pc = select_tensor(teacher["blocks.0.attn.qkv.weight"], (960, 320), qkv_chunks=3)
-    fu = select_tensor(teacher["blocks.0.attn.qkv.weight"], (960, 320))
+    pc = select_tensor(qkv, (960, 320), qkv_chunks=3)
+    fu = select_tensor(qkv, (960, 320))
     assert not torch.equal(pc, fu)
     for chunk in range(3):
         rows = pc[chunk * 320:(chunk + 1) * 320]
-        assert torch.equal(rows, teacher["blocks.0.attn.qkv.weight"][embed + chunk * 384][:, embed])
+        assert torch.equal(rows, qkv[embed + chunk * 384][:, embed])
     fused_rows = uniform_indices(1152, 960)
     mismatches = [int((fused_rows[c * 320:(c + 1) * 320] - c * 384 != embed).sum()) for c in range(3)]
     assert mismatches == [32, 0, 32]  # the spec's worked example: q and v differ in 32 of 320 rows, k matches
