@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 
@@ -47,3 +50,23 @@ def _key_map_v4(model, checkpoint_keys, expected, prefix) -> dict[str, str]:
         if renamed in expected:
             mapping[renamed] = key
     return mapping
+
+
+@contextmanager
+def checkpoints_in_model_layout(model: torch.nn.Module):
+    """Within the block, `model.save_pretrained` writes the model's own key layout instead of the original one.
+
+    transformers 5 saves checkpoints in the original (pre-conversion) key layout, but `Trainer` resumes with a plain
+    `load_state_dict`, which then restores nothing for models whose keys were renamed (ViT among them;
+    huggingface/transformers#43701, open in 5.23). Checkpoints written in the model's layout resume correctly;
+    4.57, which has no such conversion, needs nothing.
+    """
+    save = getattr(model, "save_pretrained", None)
+    if save is None or "save_original_format" not in inspect.signature(save).parameters:
+        yield
+        return
+    model.save_pretrained = functools.partial(save, save_original_format=False)
+    try:
+        yield
+    finally:
+        del model.save_pretrained

@@ -107,3 +107,33 @@ register(
         cli_command="select",
     )
 )
+
+register(
+    TechniqueInfo(
+        name="dropout_schedules",
+        title="Early/late dropout and stochastic depth",
+        paper="Liu et al., Dropout Reduces Underfitting, ICML 2023",
+        arxiv="2303.01500",
+        code_repo="facebookresearch/dropout",
+        functional="hf_regtools.dropout_schedules:DropRateController",
+        callback="hf_regtools.dropout_schedules:DropScheduleCallback",
+        harness={
+            "cases": {
+                "early_dropout": {
+                    "model": "transformers_vit",
+                    "model_kwargs": {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2},
+                    "callbacks": [("hf_regtools.dropout_schedules:EarlyDropoutCallback",
+                                   {"p": 0.3, "cutoff_steps": 3})],
+                    "deterministic": False,
+                },
+                "late_stochastic_depth": {
+                    "model": "transformers_convnext",
+                    "model_kwargs": {},
+                    "callbacks": [("hf_regtools.dropout_schedules:LateStochasticDepthCallback",
+                                   {"p": 0.5, "cutoff_steps": 2})],
+                    "deterministic": False,
+                },
+            },
+        },
+    )
+)

@@ -34,6 +34,8 @@ class ModelFamily:
             (the token axis of positional embeddings).
         not_kernels (`tuple[str, ...]`): regexes of 4-D tensors that are not convolution kernels (their last
             axes are channels, e.g. transformers ConvNeXt-V2's GRN parameters of shape `(1, 1, 1, C)`).
+        head_dropout (`str`, *optional*): regex of the classifier-head dropout module's name.
+        attention_dropout (`tuple[str, ...]`): float attributes holding an attention dropout rate.
     """
 
     library: str
@@ -45,6 +47,8 @@ class ModelFamily:
     fused_qkv: str | None = None
     token_axes: dict[str, int] = field(default_factory=dict)
     not_kernels: tuple[str, ...] = ()
+    head_dropout: str | None = None
+    attention_dropout: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -76,12 +80,14 @@ _TIMM_VIT = ModelFamily(
     classifier=("head.",),
     fused_qkv=r"^blocks\.\d+\.attn\.qkv\.(weight|bias)$",
     token_axes={r"^pos_embed$": 1},
+    head_dropout=r"^head_drop$",
 )
 _TIMM_CONVNEXT = ModelFamily(
     library="timm", name="convnext", layout="hierarchical",
     signature=(r"^stages\.\d+\.blocks\.\d+\.conv_dw\.weight$",),
     exclude=(r"\.grn\.",),
     classifier=("head.fc.",),
+    head_dropout=r"^head\.drop$",
 )
 _TRANSFORMERS_VIT = ModelFamily(
     library="transformers", name="vit", layout="isotropic",
@@ -89,6 +95,7 @@ _TRANSFORMERS_VIT = ModelFamily(
     exclude=(r"(^|\.)embeddings\.distillation_token$", r"^deit\."),
     classifier=("classifier.",),
     token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
+    attention_dropout=("attention_dropout", "dropout_prob"),
 )
 _TRANSFORMERS_CONVNEXT = ModelFamily(
     library="transformers", name="convnext", layout="hierarchical",

@@ -91,3 +91,10 @@ def hub_id_of(name: str) -> str | None:
     except (RuntimeError, ValueError):
         return None
     return getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+
+
+def drop_path_class(family):
+    """The stochastic-depth module timm builds for this family."""
+    from timm.layers import DropPath
+
+    return DropPath

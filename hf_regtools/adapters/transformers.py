@@ -9,7 +9,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
 
-from . import ModelFamily, StudentShape, convnext_dims, vit_dims
+from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, vit_dims
 
 IMAGE_CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
 
@@ -60,3 +60,14 @@ def create(config: PretrainedConfig, *, classification: bool | None = None) -> t
 def save(model: torch.nn.Module, folder: str | Path) -> None:
     """Write `config.json` and `model.safetensors` loadable by `from_pretrained`."""
     model.save_pretrained(str(folder))
+
+
+def drop_path_class(family):
+    """The stochastic-depth module transformers builds for this family."""
+    from importlib import import_module
+
+    classes = {"convnext": ("convnext", "ConvNextDropPath"), "convnextv2": ("convnextv2", "ConvNextV2DropPath")}
+    if family.name not in classes:
+        raise UnsupportedModelError(f"transformers {family.name} has no stochastic depth")
+    module, name = classes[family.name]
+    return getattr(import_module(f"transformers.models.{module}.modeling_{module}"), name)

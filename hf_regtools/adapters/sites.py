@@ -1,0 +1,93 @@
+"""Where dropout and stochastic depth live in each supported family, as settable rate sites.
+
+A `RateSite` is one float that a forward pass reads at call time: `nn.Dropout.p`, a float attention-dropout
+attribute (transformers ViT `attention_dropout`), or `DropPath.drop_prob`. Sites are found once and then updated
+cheaply, so schedules never walk the module tree at every step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import UnsupportedModelError, detect_family, library_adapter, library_of
+
+DROP_PATH_SLOT = re.compile(r"(^|\.)drop_path\d*$")
+
+
+@dataclass(frozen=True)
+class RateSite:
+    """One dropout-like rate: `module.attribute`, named `name` in the model."""
+
+    name: str
+    module: Any
+    attribute: str
+
+    def get(self) -> float:
+        return getattr(self.module, self.attribute)
+
+    def set(self, rate: float) -> None:
+        setattr(self.module, self.attribute, rate)
+
+
+def dropout_sites(model: torch.nn.Module, *, include_head: bool = False) -> list[RateSite]:
+    """Every dropout rate of `model`: `nn.Dropout` modules and float attention-dropout attributes.
+
+    The classifier head's dropout is left out unless `include_head` (the official ViT has none).
+    """
+    family = detect_family(model)
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout):
+            if include_head or family.head_dropout is None or not re.search(family.head_dropout, name):
+                sites.append(RateSite(name, module, "p"))
+        for attribute in family.attention_dropout:
+            if isinstance(getattr(module, attribute, None), float):
+                sites.append(RateSite(f"{name}.{attribute}", module, attribute))
+    return sites
+
+
+def drop_path_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """`(name, module)` of every stochastic-depth slot, in depth order: `DropPath` modules and `Identity` placeholders."""
+    return [(name, module) for name, module in model.named_modules()
+            if DROP_PATH_SLOT.search(name) and (hasattr(module, "drop_prob") or isinstance(module, torch.nn.Identity))]
+
+
+def drop_path_blocks(model: torch.nn.Module) -> list[list[RateSite]]:
+    """Drop-path sites grouped by residual block, in depth order (ConvNeXt: one global order across stages).
+
+    Raises:
+        `UnsupportedModelError`: a slot is still an `Identity` placeholder (see `install_drop_path`).
+    """
+    blocks: dict[str, list[RateSite]] = {}
+    placeholders = []
+    for name, module in drop_path_slots(model):
+        if not hasattr(module, "drop_prob"):
+            placeholders.append(name)
+            continue
+        blocks.setdefault(name.rpartition(".")[0], []).append(RateSite(name, module, "drop_prob"))
+    if placeholders:
+        raise UnsupportedModelError(
+            f"{len(placeholders)} stochastic-depth slots are Identity placeholders (the model was built with drop "
+            f"path rate 0), e.g. {placeholders[:3]}: setting a rate on them would do nothing. Call "
+            "install_drop_path(model) first, or build the model with a non-zero drop path rate."
+        )
+    return list(blocks.values())
+
+
+def install_drop_path(model: torch.nn.Module) -> list[str]:
+    """Replace `Identity` drop-path placeholders by the family's `DropPath` (rate 0); returns the replaced names.
+
+    Surgery keeps every parameter (placeholders have none). Do it before the optimizer and DDP exist: before
+    `Trainer(...)` or in `on_init_end`.
+    """
+    from ..surgery import replace_modules
+
+    family = detect_family(model)
+    make = library_adapter(library_of(model)).drop_path_class(family)
+    placeholders = [name for name, module in drop_path_slots(model) if isinstance(module, torch.nn.Identity)]
+    replace_modules(model, {name: make(0.0) for name in placeholders})
+    return placeholders

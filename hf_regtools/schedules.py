@@ -1,0 +1,67 @@
+"""Schedules as pure functions of the optimizer step: resuming needs no stored state.
+
+Conventions follow the official code of each paper, indexed by `it = epoch * steps_per_epoch + step`, which is the
+Trainer's `state.global_step` at `on_step_begin`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DROP_MODES = ("standard", "early", "late")
+DROP_SCHEDULES = ("constant", "linear")
+
+
+def drop_schedule(step: int, *, p: float, cutoff_step: int, mode: str = "early", schedule: str = "constant") -> float:
+    """Dropout / drop-path rate at optimizer step `step` (`facebookresearch/dropout`, `drop_scheduler.py`).
+
+    - `"standard"`: `p` at every step;
+    - `"early"`, `"constant"`: `p` before `cutoff_step`, then 0;
+    - `"early"`, `"linear"`: `linspace(p, 0, cutoff_step)[step]` before the cutoff (first value `p`, last early value
+      exactly 0), then 0;
+    - `"late"` (constant only): 0 before `cutoff_step`, then `p`.
+
+    Example:
+
+    ```python
+    [round(drop_schedule(t, p=0.1, cutoff_step=10, schedule="linear"), 4) for t in (0, 1, 9, 10)]
+    # [0.1, 0.0889, 0.0, 0.0]
+    ```
+    """
+    _validate(p, cutoff_step, mode, schedule)
+    if mode == "standard":
+        return float(p)
+    if mode == "late":
+        return 0.0 if step < cutoff_step else float(p)
+    if step >= cutoff_step:
+        return 0.0
+    if schedule == "constant" or cutoff_step == 1:
+        return float(p)
+    if step == cutoff_step - 1:
+        return 0.0
+    return float(p + step * ((0.0 - p) / (cutoff_step - 1)))
+
+
+def drop_schedule_array(*, p: float, total_steps: int, cutoff_step: int, mode: str = "early",
+                        schedule: str = "constant") -> np.ndarray:
+    """The whole per-step schedule as the official `drop_scheduler` builds it (parity helper)."""
+    _validate(p, cutoff_step, mode, schedule)
+    if mode == "standard":
+        return np.full(total_steps, p, dtype=float)
+    if mode == "late":
+        return np.concatenate([np.zeros(cutoff_step), np.full(total_steps - cutoff_step, p)])
+    early = np.linspace(p, 0, cutoff_step) if schedule == "linear" else np.full(cutoff_step, p, dtype=float)
+    return np.concatenate([early, np.zeros(total_steps - cutoff_step)])
+
+
+def _validate(p: float, cutoff_step: int, mode: str, schedule: str) -> None:
+    if mode not in DROP_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {DROP_MODES}")
+    if schedule not in DROP_SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {DROP_SCHEDULES}")
+    if mode == "late" and schedule != "constant":
+        raise ValueError("late mode has only the constant schedule (as in the official code)")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"rate p must be in [0, 1), got {p}")
+    if mode != "standard" and cutoff_step < 1:
+        raise ValueError(f"cutoff_step must be at least 1 for mode {mode!r}, got {cutoff_step}")

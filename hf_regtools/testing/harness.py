@@ -1,0 +1,99 @@
+"""The generic Trainer harness: every registered technique with a Trainer component runs through it.
+
+Each technique's registry entry holds `harness={"cases": {name: case}}`; a case names a tiny model from
+`tiny_models` (`"model"`, `"model_kwargs"`), the callbacks to attach (`"callbacks"`: `("module:Class", kwargs)`
+pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) and `"trainer_kwargs"`, and whether training is deterministic given
+the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
+
+`python -m hf_regtools.testing.harness TECHNIQUE CASE OUT --steps N --batch B` trains once and writes each rank's
+parameters to `OUT/rank{i}.pt`; under `torchrun --nproc_per_node 2` it trains on 2 CPU processes (gloo). (Without
+`mpirun`, `accelerate launch --cpu --num_processes 2` starts only one process.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from importlib import import_module
+from pathlib import Path
+
+import torch
+
+from . import tiny_models
+
+REQUIRED_KEYS = ("model", "callbacks", "deterministic")
+IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32}
+
+
+def cases() -> list[tuple[str, str, dict]]:
+    """`(technique, case name, case)` for every registered technique with a Trainer component."""
+    from .._registry import list_techniques
+
+    return [(info.name, name, case) for info in list_techniques() if info.has_trainer_component
+            for name, case in info.harness["cases"].items()]
+
+
+def _load(target: str):
+    module, _, attribute = target.partition(":")
+    return getattr(import_module(module), attribute)
+
+
+def build_model(case: dict, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return getattr(tiny_models, case["model"])(**case.get("model_kwargs", {}))
+
+
+def build_callbacks(case: dict) -> list:
+    return [_load(target)(**kwargs) for target, kwargs in case["callbacks"]]
+
+
+def dataset(case: dict, size: int = 64, seed: int = 0):
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    side = IMAGE_SIZE[case["model"]]
+    pixels = torch.randn(size, 3, side, side, generator=generator)
+    labels = torch.randint(0, 3, (size,), generator=generator)
+    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+
+
+def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, batch_size: int = 8,
+                  save_steps: int | None = None, model=None, callbacks=None, seed: int = 0, **args):
+    """A `Trainer` (with the case's mixin, if any) on the case's tiny model and a fixed synthetic dataset."""
+    from transformers import Trainer, TrainingArguments
+
+    mixin = _load(case.get("mixin", "hf_regtools.trainer:RegtoolsTrainerMixin"))
+    trainer_class = type("HarnessTrainer", (mixin, Trainer), {})
+    settings = dict(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
+                    learning_rate=1e-3, logging_steps=1, report_to="none", use_cpu=True, seed=seed,
+                    save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                    restore_callback_states_from_checkpoint=True, dataloader_num_workers=0, disable_tqdm=True)
+    settings.update(case.get("trainer_kwargs", {}))
+    settings.update(args)
+    return trainer_class(model=model if model is not None else build_model(case, seed),
+                         args=TrainingArguments(**settings), train_dataset=dataset(case),
+                         callbacks=callbacks if callbacks is not None else build_callbacks(case))
+
+
+def main() -> None:
+    from accelerate import PartialState
+
+    parser = argparse.ArgumentParser(description="train one harness case (also under torchrun)")
+    parser.add_argument("technique")
+    parser.add_argument("case")
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="per-device batch size")
+    args = parser.parse_args()
+    from .._registry import get_technique
+
+    case = get_technique(args.technique).harness["cases"][args.case]
+    trainer = build_trainer(case, args.output_dir / "run", max_steps=args.steps, batch_size=args.batch)
+    trainer.train()
+    state = PartialState()
+    parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    torch.save(parameters, args.output_dir / f"rank{state.process_index}.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from hf_regtools.dropout_schedules import (DropScheduleCallback, EarlyDropoutCallback, LateDropoutCallback,
+                                           LateStochasticDepthCallback)
+from hf_regtools.schedules import drop_schedule
+from hf_regtools.testing.harness import build_trainer
+
+VIT = {"model": "transformers_vit", "model_kwargs": {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
+       "callbacks": [], "deterministic": False}
+
+
+def test_rate_changes_only_at_update_boundaries_with_gradient_accumulation(tmp_path):
+    callback = EarlyDropoutCallback(p=0.4, cutoff_steps=4)
+    trainer = build_trainer(VIT, tmp_path, max_steps=6, batch_size=4, gradient_accumulation_steps=4,
+                            callbacks=[callback])
+    seen = []
+    dropout = trainer.model.vit.embeddings.dropout
+    hook = dropout.register_forward_pre_hook(lambda module, args: seen.append((trainer.state.global_step, module.p)))
+    trainer.train()
+    hook.remove()
+    assert len(seen) == 6 * 4
+    for step, rate in seen:
+        assert rate == drop_schedule(step, p=0.4, cutoff_step=4, mode="early", schedule="linear")
+    logged = [entry["hf_regtools/dropout_schedules/dropout_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [drop_schedule(s, p=0.4, cutoff_step=4, schedule="linear") for s in range(6)]
+
+
+def test_cutoff_units(tmp_path):
+    epochs = EarlyDropoutCallback(p=0.2, cutoff_epochs=0.5, schedule="constant")
+    fraction = LateDropoutCallback(p=0.2, cutoff_fraction=0.25)
+    trainer = build_trainer(VIT, tmp_path, max_steps=8, batch_size=8, callbacks=[epochs, fraction])
+    trainer.train()
+    assert epochs.steps_per_epoch == 8 and epochs.cutoff_step == 4  # 64 samples / batch 8
+    assert fraction.cutoff_step == 2
+    assert trainer.model.vit.embeddings.dropout.p in (0.0, 0.2)
+
+
+def test_identity_error_raises_when_the_trainer_is_built(tmp_path):
+    case = {"model": "transformers_convnext", "callbacks": [], "deterministic": False}
+    with pytest.raises(Exception, match="Identity placeholders"):
+        build_trainer(case, tmp_path, max_steps=1,
+                      callbacks=[LateStochasticDepthCallback(p=0.5, cutoff_steps=1, on_identity="error")])
+
+
+def test_callback_argument_errors():
+    with pytest.raises(ValueError, match="exactly one of"):
+        EarlyDropoutCallback(p=0.1)
+    with pytest.raises(ValueError, match="exactly one of"):
+        EarlyDropoutCallback(p=0.1, cutoff_steps=3, cutoff_epochs=1)
+    with pytest.raises(ValueError, match="unknown target"):
+        DropScheduleCallback(p=0.1, target="weights", cutoff_steps=2)
+    with pytest.raises(ValueError, match="granularity"):
+        EarlyDropoutCallback(p=0.1, cutoff_steps=2, granularity="batch")
+
+
+def test_state_round_trips_through_constructor():
+    callback = LateStochasticDepthCallback(p=0.3, cutoff_fraction=0.5)
+    state = callback.state()
+    assert state == {"args": {"p": 0.3, "schedule": "constant", "granularity": "step", "include_head": False,
+                              "on_identity": "install", "cutoff_fraction": 0.5}, "attributes": {}}
+    assert type(callback)(**state["args"]).state() == state

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+
+from hf_regtools.adapters import UnsupportedModelError
+from hf_regtools.adapters.sites import drop_path_blocks, dropout_sites
+from hf_regtools.dropout_schedules import DropRateController, apply_drop_rate, block_rates
+from hf_regtools.schedules import drop_schedule, drop_schedule_array
+from hf_regtools.testing.tiny_models import timm_convnext, timm_vit, transformers_convnext, transformers_vit
+
+
+def official_drop_scheduler(drop_rate, epochs, niter_per_ep, cutoff_epoch=0, mode="standard", schedule="constant"):
+    """Copy of `facebookresearch/dropout` `drop_scheduler.py`."""
+    assert mode in ["standard", "early", "late"]
+    if mode == "standard":
+        return np.full(epochs * niter_per_ep, drop_rate)
+    early_iters = cutoff_epoch * niter_per_ep
+    late_iters = (epochs - cutoff_epoch) * niter_per_ep
+    if mode == "early":
+        assert schedule in ["constant", "linear"]
+        if schedule == "constant":
+            early_schedule = np.full(early_iters, drop_rate)
+        elif schedule == "linear":
+            early_schedule = np.linspace(drop_rate, 0, early_iters)
+        final_schedule = np.concatenate((early_schedule, np.full(late_iters, 0)))
+    elif mode == "late":
+        assert schedule in ["constant"]
+        early_schedule = np.full(early_iters, 0)
+        final_schedule = np.concatenate((early_schedule, np.full(late_iters, drop_rate)))
+    assert len(final_schedule) == epochs * niter_per_ep
+    return final_schedule
+
+
+@pytest.mark.parametrize("mode, schedule", [("early", "linear"), ("early", "constant"), ("late", "constant"),
+                                            ("standard", "constant")])
+@pytest.mark.parametrize("p, epochs, n, cutoff", [(0.1, 4, 5, 2), (0.5, 3, 7, 1), (0.3, 6, 1, 5)])
+def test_schedule_parity_with_official(mode, schedule, p, epochs, n, cutoff):
+    official = official_drop_scheduler(p, epochs, n, cutoff, mode, schedule)
+    array = drop_schedule_array(p=p, total_steps=epochs * n, cutoff_step=cutoff * n, mode=mode, schedule=schedule)
+    assert np.array_equal(array, official)
+    ours = [drop_schedule(t, p=p, cutoff_step=cutoff * n, mode=mode, schedule=schedule) for t in range(epochs * n)]
+    np.testing.assert_allclose(ours, official, rtol=0, atol=1e-15)
+
+
+def test_spec_example_early_linear():
+    values = [drop_schedule(t, p=0.1, cutoff_step=10, schedule="linear") for t in range(20)]
+    np.testing.assert_allclose(values[:10], np.linspace(0.1, 0, 10))
+    assert values[0] == 0.1 and values[9] == 0.0 and values[10:] == [0.0] * 10
+    assert round(values[1], 4) == 0.0889 and round(values[8], 4) == 0.0111
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="late mode has only the constant schedule"):
+        drop_schedule(0, p=0.1, cutoff_step=3, mode="late", schedule="linear")
+    with pytest.raises(ValueError, match="unknown mode"):
+        drop_schedule(0, p=0.1, cutoff_step=3, mode="middle")
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        drop_schedule(0, p=1.5, cutoff_step=3)
+
+
+def test_per_block_rates_vit_and_convnext():
+    model = timm_vit(depth=12, drop_path_rate=0.1)
+    DropRateController(model, target="drop_path").set(0.5)
+    expected = torch.linspace(0, 0.5, 12)
+    for i, block in enumerate(model.blocks):
+        assert block.drop_path1.drop_prob == block.drop_path2.drop_prob == expected[i].item()
+    convnext = timm_convnext(depths=(2, 2, 6, 2))
+    DropRateController(convnext, target="drop_path").set(0.5)
+    flat = [b.drop_path.drop_prob for stage in convnext.stages for b in stage.blocks]
+    assert flat == block_rates(0.5, 12) and flat[0] == 0.0
+
+
+def forward(model, x):
+    return model(pixel_values=x).logits if type(model).__module__.startswith("transformers.") else model(x)
+
+
+@pytest.mark.parametrize("build, side", [
+    (lambda: timm_vit(drop_rate=0.2, attn_drop_rate=0.2, proj_drop_rate=0.2, pos_drop_rate=0.2), 16),
+    (lambda: transformers_vit(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), 16),
+    (lambda: timm_convnext(drop_rate=0.2), 32),
+])
+def test_dropout_coverage(build, side):
+    torch.manual_seed(0)
+    model = build()
+    controller = DropRateController(model, target="dropout", include_head=True)
+    controller.set(0.37)
+    for site in dropout_sites(model, include_head=True):
+        assert site.get() == 0.37
+    scanned = [(name, attr) for name, module in model.named_modules() for attr, value in vars(module).items()
+               if isinstance(value, float) and "drop" in attr and "path" not in attr and attr != "drop_rate"]
+    covered = {(s.name.rpartition(".")[0] if s.attribute != "p" else s.name, s.attribute)
+               for s in dropout_sites(model, include_head=True)}
+    assert all(item in covered for item in scanned), scanned
+    controller.set(0.0)
+    x = torch.randn(2, 3, side, side)
+    model.train()
+    trained = forward(model, x)
+    model.eval()
+    assert torch.allclose(trained, forward(model, x), atol=1e-6)
+
+
+def test_head_dropout_only_when_asked():
+    model = timm_vit(drop_rate=0.2)
+    apply_drop_rate(model, 0.3)
+    assert model.head_drop.p == 0.2
+    apply_drop_rate(model, 0.3, include_head=True)
+    assert model.head_drop.p == 0.3
+
+
+def test_identity_trap():
+    torch.manual_seed(0)
+    model = transformers_convnext()
+    with pytest.raises(UnsupportedModelError, match="Identity placeholders"):
+        DropRateController(model, target="drop_path", on_identity="error")
+    controller = DropRateController(model, target="drop_path")
+    params_before = [id(p) for p in model.parameters()]
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    assert torch.equal(forward(model, x), forward(model, x))
+    controller.set(0.5)
+    assert not torch.equal(forward(model, x), forward(model, x))
+    assert [id(p) for p in model.parameters()] == params_before
+    assert drop_path_blocks(model)[0][0].get() == 0.0
+
+
+def test_models_without_sites_raise():
+    with pytest.raises(UnsupportedModelError, match="no stochastic depth"):
+        DropRateController(transformers_vit(), target="drop_path")
+    with pytest.raises(UnsupportedModelError, match="no dropout site"):
+        DropRateController(transformers_convnext(), target="dropout")
