@@ -30,7 +30,11 @@ class RateSite:
         return getattr(self.module, self.attribute)
 
     def set(self, rate: float) -> None:
-        setattr(self.module, self.attribute, rate)
+        attributes = vars(self.module)
+        if self.attribute in attributes:  # a plain float: skip nn.Module.__setattr__'s parameter/buffer checks
+            attributes[self.attribute] = rate
+        else:
+            setattr(self.module, self.attribute, rate)
 
 
 def dropout_sites(model: torch.nn.Module, *, include_head: bool = False) -> list[RateSite]:

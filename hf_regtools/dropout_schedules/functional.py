@@ -12,7 +12,7 @@ TARGETS = ("dropout", "drop_path")
 
 def block_rates(rate: float, num_blocks: int) -> list[float]:
     """The linear depth rule: block `i` of `L` gets `linspace(0, rate, L)[i]` (block 0 always 0)."""
-    return [x.item() for x in torch.linspace(0, rate, num_blocks)]
+    return torch.linspace(0, rate, num_blocks).tolist()
 
 
 class DropRateController:
