@@ -70,3 +70,16 @@ def checkpoints_in_model_layout(model: torch.nn.Module):
         yield
     finally:
         del model.save_pretrained
+
+
+def trainer_divides_loss_by_ga(trainer, num_items_in_batch) -> bool:
+    """Whether `Trainer.training_step` divides this micro-batch's loss by the accumulation steps (4.57 and 5.x)."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None)
+    return not scaled
+
+
+def gradient_accumulation_steps(trainer) -> int:
+    return getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps

@@ -137,3 +137,29 @@ register(
         },
     )
 )
+
+register(
+    TechniqueInfo(
+        name="alpha_svrg",
+        title="alpha-SVRG",
+        paper="Yin et al., A Coefficient Makes SVRG Effective, ICLR 2025",
+        arxiv="2311.05589",
+        code_repo="davidyyd/alpha-SVRG",
+        functional="hf_regtools.schedules:svrg_alpha_schedule",
+        optimizer="hf_regtools.alpha_svrg:AlphaSVRG",
+        mixin="hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
+        harness={
+            "cases": {
+                "snapshot_every_2_steps": {
+                    "model": "transformers_vit",
+                    "model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+                    "callbacks": [],
+                    "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
+                    "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, "snapshot_every": 2}},
+                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
+                    "deterministic": True,
+                },
+            },
+        },
+    )
+)

@@ -6,6 +6,8 @@ Trainer's `state.global_step` at `on_step_begin`.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 DROP_MODES = ("standard", "early", "late")
@@ -65,3 +67,34 @@ def _validate(p: float, cutoff_step: int, mode: str, schedule: str) -> None:
         raise ValueError(f"rate p must be in [0, 1), got {p}")
     if mode != "standard" and cutoff_step < 1:
         raise ValueError(f"cutoff_step must be at least 1 for mode {mode!r}, got {cutoff_step}")
+
+
+SVRG_KINDS = ("linear", "constant")
+
+
+def svrg_alpha_schedule(step: int, *, alpha0: float, epochs: int, steps_per_epoch: int, snapshot_every: int,
+                        kind: str = "linear") -> float:
+    """The alpha-SVRG coefficient at optimizer step `step` (`davidyyd/alpha-SVRG`, `svrg_scheduler`).
+
+    With `K = ceil(steps_per_epoch / snapshot_every)` snapshot intervals per epoch, `end = linspace(alpha0, 0, E*K)`
+    and interval `j` of the run uses `end[j]` for all its steps: piecewise constant, linear across intervals, the
+    last interval exactly 0. `kind="constant"` gives `alpha0` everywhere.
+
+    Example:
+
+    ```python
+    [svrg_alpha_schedule(e * 4, alpha0=0.75, epochs=5, steps_per_epoch=4, snapshot_every=4) for e in range(5)]
+    # [0.75, 0.5625, 0.375, 0.1875, 0.0]
+    ```
+    """
+    if kind not in SVRG_KINDS:
+        raise ValueError(f"unknown alpha schedule {kind!r}; choose one of {SVRG_KINDS}")
+    if not 1 <= snapshot_every <= steps_per_epoch:
+        raise ValueError(f"snapshot_every must be between 1 and the steps per epoch ({steps_per_epoch}), got "
+                         f"{snapshot_every}: intervals longer than an epoch are not supported")
+    if kind == "constant":
+        return float(alpha0)
+    intervals = math.ceil(steps_per_epoch / snapshot_every)
+    epoch, within = divmod(step, steps_per_epoch)
+    index = min(epoch * intervals + within // snapshot_every, epochs * intervals - 1)
+    return float(np.linspace(alpha0, 0, epochs * intervals)[index])

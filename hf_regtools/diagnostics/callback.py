@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .._trainer_utils import rng_state, set_rng_state
 from .functional import flat_gradient, gradient_direction_error, gradient_direction_variance
 
 PREFIX = "hf_regtools/diagnostics/"
@@ -58,7 +56,7 @@ class GradientDiagnosticsCallback(TrainerCallback, ExportableState):
     def measure(self, model: torch.nn.Module) -> dict[str, float]:
         """Compute the metrics now (RNG states and the model's mode are restored afterwards)."""
         device = next(model.parameters()).device
-        rng, was_training = _rng_state(), model.training
+        rng, was_training = rng_state(), model.training
         try:
             model.train()
             gradients = torch.stack([flat_gradient(model, _loss(model, batch, device)) for batch in self.probes])
@@ -66,7 +64,7 @@ class GradientDiagnosticsCallback(TrainerCallback, ExportableState):
             full = torch.stack([flat_gradient(model, _loss(model, batch, device)) for batch in self.probes]).mean(0)
         finally:
             model.train(was_training)
-            _set_rng_state(rng)
+            set_rng_state(rng)
         metrics = {"gdv": gradient_direction_variance(gradients), "gde": gradient_direction_error(gradients, full),
                    "grad_norm": float(gradients.norm(dim=1).mean()),
                    "dist_from_init": float((_flat_parameters(model) - self.initial).norm())}
@@ -92,18 +90,3 @@ def _loss(model, batch, device):
 
 def _flat_parameters(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters() if p.requires_grad])
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -2,7 +2,8 @@
 
 Each technique's registry entry holds `harness={"cases": {name: case}}`; a case names a tiny model from
 `tiny_models` (`"model"`, `"model_kwargs"`), the callbacks to attach (`"callbacks"`: `("module:Class", kwargs)`
-pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) and `"trainer_kwargs"`, and whether training is deterministic given
+pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) with its constructor arguments
+(`"trainer_init_kwargs"`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
 the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
 
 `python -m hf_regtools.testing.harness TECHNIQUE CASE OUT --steps N --batch B` trains once and writes each rank's
@@ -58,7 +59,8 @@ def dataset(case: dict, size: int = 64, seed: int = 0):
 
 
 def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, batch_size: int = 8,
-                  save_steps: int | None = None, model=None, callbacks=None, seed: int = 0, **args):
+                  save_steps: int | None = None, model=None, callbacks=None, seed: int = 0, dataset_size: int = 64,
+                  trainer_init_kwargs: dict | None = None, **args):
     """A `Trainer` (with the case's mixin, if any) on the case's tiny model and a fixed synthetic dataset."""
     from transformers import Trainer, TrainingArguments
 
@@ -71,8 +73,9 @@ def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, 
     settings.update(case.get("trainer_kwargs", {}))
     settings.update(args)
     return trainer_class(model=model if model is not None else build_model(case, seed),
-                         args=TrainingArguments(**settings), train_dataset=dataset(case),
-                         callbacks=callbacks if callbacks is not None else build_callbacks(case))
+                         args=TrainingArguments(**settings), train_dataset=dataset(case, dataset_size),
+                         callbacks=callbacks if callbacks is not None else build_callbacks(case),
+                         **(trainer_init_kwargs if trainer_init_kwargs is not None else case.get("trainer_init_kwargs", {})))
 
 
 def main() -> None:
