@@ -167,3 +167,46 @@ def test_bad_settings_raise(tmp_path):
     optimizer.alpha, p.grad = 0.5, torch.zeros(2)
     with pytest.raises(RuntimeError, match="no full gradient"):
         optimizer.step()
+
+
+SGD = dict(optim="sgd", learning_rate=0.05)
+
+
+def test_gradient_accumulation_is_equivalent(tmp_path):
+    svrg = {"alpha0": 1.0, "kind": "constant", "snapshot_every": 2}
+    whole, _ = trained_parameters(tmp_path, "whole", mixin=MIXIN, svrg=svrg, max_steps=4, batch_size=8, **SGD)
+    accumulated, _ = trained_parameters(tmp_path, "accumulated", mixin=MIXIN, svrg=svrg, max_steps=4, batch_size=4,
+                                        gradient_accumulation_steps=2, **SGD)
+    for key in whole:
+        torch.testing.assert_close(whole[key], accumulated[key], atol=1e-6, rtol=0)
+
+
+def test_bf16_autocast_keeps_fp32_buffers(tmp_path):
+    _, trainer = trained_parameters(tmp_path, "bf16", mixin=MIXIN, svrg={"alpha0": 0.75, "snapshot_every": 2},
+                                    max_steps=3, bf16=True)
+    optimizer = trainer.svrg_optimizer
+    assert all(t.dtype == torch.float32 for t in optimizer.full_gradient + optimizer.snapshot_gradient)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_optimizer_cls_and_kwargs_route_is_not_wrapped_twice(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_regtools.alpha_svrg import AlphaSVRGTrainerMixin
+    from hf_regtools.testing.harness import build_model, dataset
+
+    class SVRGTrainer(AlphaSVRGTrainerMixin, Trainer):
+        pass
+
+    routed = SVRGTrainer(model=build_model(VIT), train_dataset=dataset(VIT),
+                         args=TrainingArguments(str(tmp_path / "routed"), max_steps=2, use_cpu=True, report_to="none",
+                                                per_device_train_batch_size=8, max_grad_norm=0.0),
+                         optimizer_cls_and_kwargs=(AlphaSVRG, {"base": torch.optim.SGD, "lr": 0.05}))
+    routed.train()
+    assert isinstance(routed.svrg_optimizer.base, torch.optim.SGD)
+    assert not isinstance(routed.svrg_optimizer.base, AlphaSVRG)
+
+
+def test_fp16_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="does not support fp16"):
+        build_trainer(dict(VIT, mixin=MIXIN), tmp_path, max_steps=1, fp16=True)
