@@ -228,3 +228,66 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
                                    commit_message=commit_message)
     return commit.oid
+
+
+@dataclass(frozen=True)
+class TechniqueUse:
+    """One hf_regtools technique used in a training run, with its settings (for model cards)."""
+
+    name: str
+    settings: dict[str, Any]
+
+
+_SECTION_START, _SECTION_END = "<!-- hf_regtools:techniques:start -->", "<!-- hf_regtools:techniques:end -->"
+
+
+def technique_tag(name: str) -> str:
+    """The Hub tag of a technique, e.g. `alpha_svrg` -> `alpha-svrg`."""
+    return name.replace("_", "-")
+
+
+def add_techniques_to_card(card: ModelCard | str | os.PathLike, uses: list[TechniqueUse]) -> ModelCard:
+    """Record the hf_regtools techniques of a run in a model card: tags and a section with settings and papers.
+
+    `RegtoolsTrainerMixin.create_model_card` (and so `trainer.push_to_hub()`) calls it; in a custom loop, call it on
+    the card you push. Given a path, the card is rewritten in place. Calling it again replaces the section.
+
+    Args:
+        card (`ModelCard` or path): the card, or the `README.md` to update.
+        uses (`list[TechniqueUse]`): the techniques and their settings.
+
+    Example:
+
+    ```python
+    from huggingface_hub import ModelCard
+    from hf_regtools.hub import TechniqueUse, add_techniques_to_card
+
+    card = add_techniques_to_card(ModelCard("---\\nlicense: mit\\n---\\n# My model\\n"),
+                                  [TechniqueUse("dropout_schedules", {"callback": "EarlyDropoutCallback", "p": 0.1})])
+    assert {"hf-regtools", "dropout-schedules"} <= set(card.data.tags)
+    ```
+    """
+    from ._registry import get_technique
+
+    path = None if isinstance(card, ModelCard) else Path(card)
+    card = ModelCard.load(path) if path is not None else card
+    tags = list(card.data.tags or [])
+    for tag in ["hf-regtools", *(technique_tag(use.name) for use in uses)]:
+        if tag not in tags:
+            tags.append(tag)
+    card.data.tags = tags
+    lines = [_SECTION_START, "## Training techniques (hf_regtools)", ""]
+    for use in uses:
+        info = get_technique(use.name)
+        lines += [f"### {info.title}", "", f"{info.paper} ([arXiv:{info.arxiv}]({info.url})).", "",
+                  "| setting | value |", "|---|---|"]
+        lines += [f"| `{key}` | `{value}` |" for key, value in use.settings.items()]
+        lines.append("")
+    lines.append(_SECTION_END)
+    text = card.text
+    if _SECTION_START in text:
+        text = text[:text.index(_SECTION_START)] + text[text.index(_SECTION_END) + len(_SECTION_END):]
+    card.text = text.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    if path is not None:
+        card.save(path)
+    return card

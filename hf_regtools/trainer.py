@@ -6,14 +6,19 @@ hooks:
 - `log`: adds the current metrics of every hf_regtools callback (`callback.metrics()`, e.g. the dropout rate) before
   the Trainer hands the logs to its reporters, so TensorBoard, W&B and `state.log_history` receive them. (Without the
   mixin, callbacks add them in `on_log`, which reporters have already run before.)
-- `save_model`: checkpoints are written in the model's own key layout, so that resuming restores them under
-  transformers 5 (`hf_regtools._compat.checkpoints_in_model_layout`); models saved at the end keep the original
-  layout for the Hub.
+- `save_model`: checkpoints (`checkpoint-*` folders) are written in the model's own key layout, so that resuming
+  restores them under transformers 5 (`hf_regtools._compat.checkpoints_in_model_layout`); the final model and
+  `push_to_hub` keep the original layout for the Hub.
+- `create_model_card` (also run by `push_to_hub`): the card gets the tag `hf-regtools`, one tag per technique and a
+  section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`).
 
 Techniques that need the batch, the loss or an extra forward/backward (alpha-SVRG) subclass this mixin.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from ._compat import checkpoints_in_model_layout
 
@@ -32,7 +37,23 @@ class RegtoolsTrainerMixin:
         super().log({**logs, **self.technique_metrics()}, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not _internal_call:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if not (_internal_call and output_dir is not None and Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR)):
             return super().save_model(output_dir, _internal_call=_internal_call)
         with checkpoints_in_model_layout(self.model):
             return super().save_model(output_dir, _internal_call=_internal_call)
+
+    def technique_uses(self) -> list:
+        """The hf_regtools techniques of this run (from callbacks and Trainer mixins) with their settings."""
+        return [callback.technique_use() for callback in self.callback_handler.callbacks
+                if callable(getattr(callback, "technique_use", None))]
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        super().create_model_card(*args, **kwargs)
+        card = os.path.join(self.args.output_dir, "README.md")
+        uses = self.technique_uses()
+        if uses and self.is_world_process_zero() and os.path.isfile(card):
+            from .hub import add_techniques_to_card
+
+            add_techniques_to_card(card, uses)

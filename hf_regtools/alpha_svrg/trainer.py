@@ -155,6 +155,11 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
 
         return reduce(tensor.contiguous(), reduction="mean")
 
+    def technique_uses(self) -> list:
+        from ..hub import TechniqueUse
+
+        return [*super().technique_uses(), TechniqueUse("alpha_svrg", self.alpha_svrg.to_dict())]
+
     def technique_metrics(self) -> dict[str, float]:
         metrics = super().technique_metrics()
         if self.optimizer is not None:

@@ -129,6 +129,12 @@ class DropScheduleCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {"args": self._ctor_args(), "attributes": {}}
 
+    def technique_use(self):
+        """This callback and its settings, for model cards (`RegtoolsTrainerMixin.create_model_card`)."""
+        from ..hub import TechniqueUse
+
+        return TechniqueUse("dropout_schedules", {"callback": type(self).__name__, **self._ctor_args()})
+
     def _ctor_args(self) -> dict:
         return dict(p=self.p, target=self.target, mode=self.mode, schedule=self.schedule, granularity=self.granularity,
                     include_head=self.include_head, on_identity=self.on_identity,
