@@ -210,3 +210,13 @@ def test_optimizer_cls_and_kwargs_route_is_not_wrapped_twice(tmp_path):
 def test_fp16_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="does not support fp16"):
         build_trainer(dict(VIT, mixin=MIXIN), tmp_path, max_steps=1, fp16=True)
+
+
+def test_extra_memory_is_three_model_sized_tensors(tmp_path):
+    _, trainer = trained_parameters(tmp_path, "memory", mixin=MIXIN, svrg={"alpha0": 0.75, "snapshot_every": 2},
+                                    max_steps=2)
+    optimizer = trainer.svrg_optimizer
+    model_bytes = sum(p.numel() * 4 for p in trainer.model.parameters())
+    held = [*optimizer.full_gradient, *optimizer.snapshot_gradient, *trainer.snapshot_model.parameters(),
+            *trainer.snapshot_model.buffers()]
+    assert sum(t.numel() * t.element_size() for t in held) == 3 * model_bytes
