@@ -1,13 +1,14 @@
 """The `hf-regtools demo` job: weight selection next to random init, with `transformers.Trainer`, on digits.
 
 Offline by default: a small ViT teacher is trained on digits 0-4, a narrower and shallower student is initialized
-from it by weight selection, and both that student and the same student from random init are fine-tuned on digits
-5-9. With a network, `--teacher <hub id>` starts from a pretrained ViT or ConvNeXt instead (images are resized to
+from it by weight selection, and that student, the same student from random init, and the selected student trained
+with early dropout and alpha-SVRG are fine-tuned on digits 5-9. With a network, `--teacher <hub id>` starts from a pretrained ViT or ConvNeXt instead (images are resized to
 its input size).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ DEFAULT_TEACHER = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=6
                        num_attention_heads=4, intermediate_size=128)
 DEFAULT_STUDENT = dict(hidden_size=32, depth=2)
 HUB_STUDENTS = {"isotropic": "vit-tiny", "hierarchical": "convnext-femto"}
+VARIANT = "weight selection + early dropout + alpha-SVRG"
 
 
 @dataclass
@@ -39,12 +41,17 @@ def _training_args(output_dir: Path, *, steps: int, seed: int, **overrides):
     return TrainingArguments(**{**settings, **overrides})
 
 
-def _fit(name: str, model, train, test, output_dir: Path, *, steps: int, seed: int) -> Run:
+def _fit(name: str, model, train, test, output_dir: Path, *, steps: int, seed: int, mixin=None, callbacks=(),
+         **trainer_kwargs) -> Run:
     from transformers import Trainer
 
+    from .trainer import RegtoolsTrainerMixin
+
+    trainer_class = type("DemoTrainer", (mixin or RegtoolsTrainerMixin, Trainer), {})
     run, start = Run(name), time.perf_counter()
-    trainer = Trainer(model=model, args=_training_args(output_dir / "runs" / name, steps=steps, seed=seed),
-                      train_dataset=train, eval_dataset=test, compute_metrics=_accuracy)
+    trainer = trainer_class(model=model, args=_training_args(output_dir / "runs" / name, steps=steps, seed=seed),
+                            train_dataset=train, eval_dataset=test, compute_metrics=_accuracy,
+                            callbacks=list(callbacks), **trainer_kwargs)
     trainer.train()
     run.seconds = time.perf_counter() - start
     run.losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
@@ -126,8 +133,18 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
     console.rule("3. Fine-tuning on digits 5-9: weight selection vs random init")
     set_seed(seed)
     random_student = type(selected.model)(selected.model.config)
+    variant_student = copy.deepcopy(selected.model)
     runs["weight selection"] = _fit("weight_selection", selected.model, train, test, output_dir, steps=steps, seed=seed)
     runs["random init"] = _fit("random_init", random_student, train, test, output_dir, steps=steps, seed=seed)
+
+    console.rule("4. Weight selection + early dropout + alpha-SVRG")
+    from .alpha_svrg import AlphaSVRGTrainerMixin
+    from .dropout_schedules import EarlyDropoutCallback
+
+    runs[VARIANT] = _fit("ws_early_dropout_alpha_svrg", variant_student, train, test, output_dir, steps=steps,
+                         seed=seed, mixin=AlphaSVRGTrainerMixin,
+                         callbacks=[EarlyDropoutCallback(p=0.1, cutoff_fraction=1 / 6)],
+                         alpha_svrg={"alpha0": 0.75, "kind": "linear"})
 
     _print_table(console, runs, steps)
     plot = _plot(runs, output_dir / "weight_selection_loss.png")
@@ -154,7 +171,7 @@ def _plot(runs: dict[str, Run], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name in ("weight selection", "random init"):
+    for name in ("weight selection", "random init", VARIANT):
         steps, losses = zip(*runs[name].losses)
         axis.plot(steps, losses, label=name)
     axis.set(xlabel="optimizer step", ylabel="training loss", title="Fine-tuning a ViT student on digits 5-9")

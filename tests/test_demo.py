@@ -7,7 +7,8 @@ from hf_regtools._demo import run_demo
 
 def test_demo_runs_offline_and_writes_its_outputs(tmp_path, capsys):
     runs = run_demo(output_dir=tmp_path, steps=10, teacher_steps=20)
-    assert set(runs) == {"teacher (digits 0-4)", "weight selection", "random init"}
+    assert set(runs) == {"teacher (digits 0-4)", "weight selection", "random init",
+                         "weight selection + early dropout + alpha-SVRG"}
     for run in runs.values():
         assert run.losses and all(math.isfinite(loss) for _, loss in run.losses)
         assert 0.0 <= run.test_accuracy <= 1.0
@@ -31,6 +32,6 @@ def test_demo_with_a_hub_teacher_resizes_the_digits(tmp_path, fake_hub):
     push_folder(tmp_path / "teacher", repo_id)
     runs = run_demo(teacher=repo_id, student=StudentShape(hidden_size=8, depth=2), output_dir=tmp_path / "out",
                     steps=4)
-    assert set(runs) == {"weight selection", "random init"}
+    assert set(runs) == {"weight selection", "random init", "weight selection + early dropout + alpha-SVRG"}
     card = ModelCard.load(tmp_path / "out" / "student" / "README.md")
     assert card.data.base_model == repo_id

@@ -128,3 +128,20 @@ def test_models_without_sites_raise():
         DropRateController(transformers_vit(), target="drop_path")
     with pytest.raises(UnsupportedModelError, match="no dropout site"):
         DropRateController(transformers_convnext(), target="dropout")
+
+
+@pytest.mark.parametrize("key", sorted(__import__("hf_regtools.testing.tiny_models", fromlist=["TEACHERS"]).TEACHERS))
+def test_every_supported_family_has_its_sites_updated(key):
+    from hf_regtools.testing.tiny_models import TEACHERS
+
+    library, family = key
+    model = TEACHERS[key]()
+    if "convnext" in family:
+        drop_path = DropRateController(model, target="drop_path")
+        drop_path.set(0.4)
+        rates = [site.get() for block in drop_path_blocks(model) for site in block]
+        assert rates[0] == 0.0 and abs(rates[-1] - 0.4) < 1e-6 and len(drop_path.sites) == 9
+    if library == "timm" or "convnext" not in family:
+        dropout = DropRateController(model, target="dropout")
+        dropout.set(0.25)
+        assert dropout.sites and all(site.get() == 0.25 for block in dropout.sites for site in block)
