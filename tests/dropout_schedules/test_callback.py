@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from hf_regtools.dropout_schedules import (DropScheduleCallback, EarlyDropoutCallback, LateDropoutCallback,
                                            LateStochasticDepthCallback)
