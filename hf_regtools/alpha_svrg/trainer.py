@@ -68,12 +68,16 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         optimizer = self.optimizer
         return optimizer if isinstance(optimizer, AlphaSVRG) else optimizer.optimizer
 
-    def alpha_at(self, step: int) -> float:
+    def snapshot_interval(self) -> int:
+        """Optimizer steps between snapshot refreshes (at most one epoch)."""
         n = self._update_steps_per_epoch()
-        every = n if self.alpha_svrg.snapshot_every == "epoch" else min(self.alpha_svrg.snapshot_every, n)
+        return n if self.alpha_svrg.snapshot_every == "epoch" else min(self.alpha_svrg.snapshot_every, n)
+
+    def alpha_at(self, step: int) -> float:
         epochs = max(math.ceil(self.state.num_train_epochs), 1)
-        return svrg_alpha_schedule(step, alpha0=self.alpha_svrg.alpha0, epochs=epochs, steps_per_epoch=n,
-                                   snapshot_every=every, kind=self.alpha_svrg.kind)
+        return svrg_alpha_schedule(step, alpha0=self.alpha_svrg.alpha0, epochs=epochs,
+                                   steps_per_epoch=self._update_steps_per_epoch(),
+                                   snapshot_every=self.snapshot_interval(), kind=self.alpha_svrg.kind)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         optimizer, step = self.svrg_optimizer, self.state.global_step
@@ -98,9 +102,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         return loss
 
     def _refresh_due(self, step: int) -> bool:
-        n = self._update_steps_per_epoch()
-        every = n if self.alpha_svrg.snapshot_every == "epoch" else min(self.alpha_svrg.snapshot_every, n)
-        starts_interval = (step % n) % every == 0
+        starts_interval = (step % self._update_steps_per_epoch()) % self.snapshot_interval() == 0
         return (starts_interval and self._refreshed_at != step) or self.svrg_optimizer.full_gradient is None
 
     def refresh_snapshot(self) -> None:
