@@ -142,6 +142,7 @@ def test_wrapper_rules_and_state_round_trip():
     assert fresh.param_groups is fresh.base.param_groups and fresh.state is fresh.base.state
     scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 0.1)
     fresh.load_state_dict(fresh.state_dict())  # as Accelerate does when it prepares an optimizer
+    fresh.step()
     scheduler.step()
     assert fresh.base.param_groups[0]["lr"] == pytest.approx(0.01)  # initial_lr 0.1 (saved) x 0.1
     built = AlphaSVRG([torch.nn.Parameter(torch.ones(2))], base=torch.optim.SGD, lr=0.1)
