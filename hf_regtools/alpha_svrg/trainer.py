@@ -51,6 +51,10 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         self.snapshot_model = None
         self._accumulating_for = self._refreshed_at = self._steps_per_epoch = None
 
+    def train(self, *args, **kwargs):
+        self._accumulating_for = self._refreshed_at = None
+        return super().train(*args, **kwargs)
+
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         if not isinstance(optimizer, AlphaSVRG):

@@ -221,3 +221,15 @@ def test_extra_memory_is_three_model_sized_tensors(tmp_path):
     held = [*optimizer.full_gradient, *optimizer.snapshot_gradient, *trainer.snapshot_model.parameters(),
             *trainer.snapshot_model.buffers()]
     assert sum(t.numel() * t.element_size() for t in held) == 3 * model_bytes
+
+
+def test_snapshot_refreshes_at_every_interval_start_in_each_run(tmp_path):
+    case = dict(VIT, mixin=MIXIN)
+    trainer = build_trainer(case, tmp_path, max_steps=4, max_grad_norm=0.0,
+                            trainer_init_kwargs={"alpha_svrg": {"alpha0": 0.75, "kind": "constant", "snapshot_every": 2}})
+    refreshes = []
+    original = trainer.refresh_snapshot
+    trainer.refresh_snapshot = lambda: (refreshes.append(trainer.state.global_step), original())[1]
+    trainer.train()
+    trainer.train()
+    assert refreshes == [0, 2, 0, 2]
