@@ -57,6 +57,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
+        if isinstance(getattr(optimizer, "optimizer", optimizer), AlphaSVRG) and self.snapshot_model is not None:
+            return optimizer  # a later train() on the same Trainer: already wrapped (possibly by Accelerate)
         if not isinstance(optimizer, AlphaSVRG):
             optimizer = AlphaSVRG(optimizer, clip_norm=self.alpha_svrg.clip_norm)
         self.optimizer = optimizer

@@ -225,11 +225,20 @@ def test_extra_memory_is_three_model_sized_tensors(tmp_path):
 
 def test_snapshot_refreshes_at_every_interval_start_in_each_run(tmp_path):
     case = dict(VIT, mixin=MIXIN)
-    trainer = build_trainer(case, tmp_path, max_steps=4, max_grad_norm=0.0,
+    trainer = build_trainer(case, tmp_path, max_steps=4, max_grad_norm=0.0, save_steps=1,
                             trainer_init_kwargs={"alpha_svrg": {"alpha0": 0.75, "kind": "constant", "snapshot_every": 2}})
     refreshes = []
     original = trainer.refresh_snapshot
     trainer.refresh_snapshot = lambda: (refreshes.append(trainer.state.global_step), original())[1]
     trainer.train()
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))  # the same object resumes at step 2
+    assert refreshes == [0, 2, 2]
+
+
+def test_training_again_does_not_wrap_twice(tmp_path):
+    trainer = build_trainer(dict(VIT, mixin=MIXIN), tmp_path, max_steps=2, max_grad_norm=0.0)
     trainer.train()
-    assert refreshes == [0, 2, 0, 2]
+    first = trainer.svrg_optimizer
+    trainer.train()
+    assert trainer.svrg_optimizer is first and not isinstance(first.base, AlphaSVRG)
+    assert not isinstance(getattr(first.base, "optimizer", None), AlphaSVRG)
