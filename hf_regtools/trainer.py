@@ -20,7 +20,30 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from ._compat import checkpoints_in_model_layout
+
+
+class TechniqueMetricsCallback(TrainerCallback):
+    """Base of hf_regtools callbacks: what `metrics()` returns is logged.
+
+    With `RegtoolsTrainerMixin` the metrics join the logs before the reporters run; without it, `on_log` adds them to
+    the printed logs and to `state.log_history` (reporters have already run by then).
+    """
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = self.metrics()
+        if logs is None or not metrics:
+            return
+        latest = state.log_history[-1] if state.log_history and state.log_history[-1].get("step") == \
+            state.global_step else {}
+        for name, value in metrics.items():
+            logs.setdefault(name, value)
+            latest.setdefault(name, value)
 
 
 class RegtoolsTrainerMixin:

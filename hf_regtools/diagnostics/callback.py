@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .._trainer_utils import rng_state, set_rng_state
+from ..trainer import TechniqueMetricsCallback
 from .functional import flat_gradient, gradient_direction_error, gradient_direction_variance
 
 PREFIX = "hf_regtools/diagnostics/"
 
 
-class GradientDiagnosticsCallback(TrainerCallback, ExportableState):
+class GradientDiagnosticsCallback(TechniqueMetricsCallback, ExportableState):
     """Measure the directional variance of mini-batch gradients during training (Liu et al., ICML 2023, §3).
 
     A fixed probe set of `n_batches` training batches is drawn once (seeded, without consuming the training
@@ -72,11 +72,6 @@ class GradientDiagnosticsCallback(TrainerCallback, ExportableState):
 
     def metrics(self) -> dict[str, float]:
         return dict(self.latest)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None:
-            for name, value in self.latest.items():
-                logs.setdefault(name, value)
 
     def state(self) -> dict:
         return {"args": {"every_n_steps": self.every_n_steps, "n_batches": self.n_batches, "seed": self.seed},

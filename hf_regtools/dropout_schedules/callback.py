@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import math
 
-from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..schedules import drop_schedule
+from ..trainer import TechniqueMetricsCallback
 from .functional import TARGETS, DropRateController
 
 GRANULARITIES = ("step", "epoch")
 
 
-class DropScheduleCallback(TrainerCallback, ExportableState):
+class DropScheduleCallback(TechniqueMetricsCallback, ExportableState):
     """Schedule dropout or stochastic depth during `Trainer.train()`.
 
     Args:
@@ -92,12 +92,6 @@ class DropScheduleCallback(TrainerCallback, ExportableState):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.controller.set(self.rate_at(state.global_step))
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.controller is not None and self.controller.rate is not None:
-            logs.setdefault(self.metric_name, self.controller.rate)
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].setdefault(self.metric_name, self.controller.rate)
 
     def metrics(self) -> dict[str, float]:
         """The current rate, for `RegtoolsTrainerMixin.log` (so reporters such as TensorBoard receive it)."""

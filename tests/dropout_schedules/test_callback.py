@@ -59,3 +59,20 @@ def test_state_round_trips_through_constructor():
     assert state == {"args": {"p": 0.3, "schedule": "constant", "granularity": "step", "include_head": False,
                               "on_identity": "install", "cutoff_fraction": 0.5}, "attributes": {}}
     assert type(callback)(**state["args"]).state() == state
+
+
+def test_metrics_reach_log_history_without_the_mixin(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_regtools.diagnostics import GradientDiagnosticsCallback
+    from hf_regtools.testing.harness import build_model, dataset
+
+    trainer = Trainer(model=build_model(VIT), train_dataset=dataset(VIT),
+                      args=TrainingArguments(str(tmp_path), max_steps=2, logging_steps=1, use_cpu=True,
+                                             report_to="none", per_device_train_batch_size=8),
+                      callbacks=[EarlyDropoutCallback(p=0.4, cutoff_steps=2),
+                                 GradientDiagnosticsCallback(every_n_steps=1, n_batches=2)])
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["hf_regtools/dropout_schedules/dropout_rate"] for entry in logged] == [0.4, 0.0]
+    assert all("hf_regtools/diagnostics/gdv" in entry for entry in logged)
