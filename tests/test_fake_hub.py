@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import save_file
 
+from hf_regtools.testing.assertions import assert_same_weights
 from hf_regtools.testing.fake_hub import FakeHub
 
 SHA = re.compile(r"[0-9a-f]{40}")
@@ -63,13 +64,6 @@ def _request(url, method="GET", body=None):
             return response.status, response.headers, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.headers, error.read()
-
-
-def _assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module):
-    expected_sd, actual_sd = expected.state_dict(), actual.state_dict()
-    assert expected_sd.keys() == actual_sd.keys()
-    for key, tensor in expected_sd.items():
-        assert torch.equal(tensor, actual_sd[key]), key
 
 
 def test_upload_folder_round_trip(fake_hub, tmp_path):
@@ -157,7 +151,7 @@ def test_transformers_from_pretrained_round_trip(fake_hub, tmp_path):
     repo_id, _ = _pushed(tmp_path / "vit")
 
     reloaded = ViTForImageClassification.from_pretrained(repo_id)
-    _assert_same_weights(model, reloaded)
+    assert_same_weights(model, reloaded)
     assert reloaded.config.num_labels == 3
     assert fake_hub.unknown_routes[unknown_before:] == []
 
@@ -177,7 +171,7 @@ def test_timm_hf_hub_round_trip(fake_hub, tmp_path):
     assert config["num_classes"] == 3
     assert config["model_args"]["embed_dim"] == 16
     reloaded = timm.create_model("hf-hub:" + repo_id, pretrained=True)
-    _assert_same_weights(model, reloaded)
+    assert_same_weights(model, reloaded)
     assert fake_hub.unknown_routes[unknown_before:] == []
 
 

@@ -12,6 +12,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 
 from hf_regtools.adapters import save_model
 from hf_regtools.hub import HubError, build_model_card, load_model, push_folder, resolve_model
+from hf_regtools.testing.assertions import assert_same_weights
 from hf_regtools.testing.offline_cache import add_to_cache
 from hf_regtools.testing.tiny_models import timm_vit, transformers_vit
 from hf_regtools.weight_selection import initialize_student, uniform_indices
@@ -19,11 +20,6 @@ from hf_regtools.weight_selection import initialize_student, uniform_indices
 
 def repo(name="tiny"):
     return f"org/{name}-{uuid.uuid4().hex[:8]}"
-
-
-def same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.fixture
@@ -115,8 +111,8 @@ def test_push_then_pull_round_trip(tmp_path, teachers, fake_hub):
             from transformers import AutoModelForImageClassification
 
             reloaded = AutoModelForImageClassification.from_pretrained(student_repo)
-        assert same_weights(reloaded, result.model)
-        assert same_weights(load_model(student_repo), result.model)
+        assert_same_weights(reloaded, result.model)
+        assert_same_weights(load_model(student_repo), result.model)
 
         (out / "extra.txt").write_text("second push")
         second = push_folder(out, student_repo)

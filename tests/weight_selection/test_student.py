@@ -7,6 +7,7 @@ from safetensors import safe_open
 
 from hf_regtools.adapters import UnsupportedModelError, save_model
 from hf_regtools.checkpoint import CheckpointError
+from hf_regtools.testing.assertions import assert_same_weights
 from hf_regtools.testing.tiny_models import timm_convnext, timm_vit, transformers_convnext, transformers_vit
 from hf_regtools.weight_selection import initialize_student, uniform_indices
 
@@ -14,13 +15,6 @@ from hf_regtools.weight_selection import initialize_student, uniform_indices
 def saved(model, folder):
     save_model(model, folder)
     return folder
-
-
-def assert_same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
 
 
 def test_timm_preset_student_from_folder(tmp_path):
