@@ -65,9 +65,12 @@ class AlphaSVRG(torch.optim.Optimizer):
             return
         if self.full_gradient is None:
             raise RuntimeError("AlphaSVRG has no full gradient: call set_full_gradient (the mixin does at each refresh)")
-        for p, mu, acc in zip(self.parameters(), self.full_gradient, self.snapshot_gradient):
-            if self.reduce is not None:
-                acc = self.reduce(acc)
+        accumulated = self.snapshot_gradient
+        if self.reduce is not None:  # one collective for all parameters, not one per tensor
+            flat = self.reduce(torch.cat([acc.reshape(-1) for acc in accumulated]))
+            accumulated = [part.view_as(acc) for part, acc in zip(flat.split([a.numel() for a in accumulated]),
+                                                                    accumulated)]
+        for p, mu, acc in zip(self.parameters(), self.full_gradient, accumulated):
             if p.grad is not None:
                 p.grad.add_((mu - acc).mul_(self.alpha).to(p.grad.dtype))
 
