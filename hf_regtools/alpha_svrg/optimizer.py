@@ -11,9 +11,10 @@ class AlphaSVRG(torch.optim.Optimizer):
     """Wrap any torch optimizer: `p.grad += alpha * (mu_p - acc_p)`, optionally clip, then `base.step()`.
 
     `mu` is the full gradient at the snapshot, `acc` the snapshot's gradient on the current mini-batch (accumulated
-    over micro-batches; `reduce`, if set, averages it across processes first, as DDP does for `p.grad`), `alpha` the current coefficient; the Trainer mixin (`AlphaSVRGTrainerMixin`) provides them,
-    a custom loop calls `set_full_gradient`, `accumulate_snapshot_gradient` and sets `alpha`. With `alpha = 0` this
-    is exactly the base optimizer. SVRG tensors are kept in fp32 and out of `base.state`; `param_groups` *is*
+    over micro-batches; `reduce`, if set, averages it across processes once per step, as DDP does for `p.grad`),
+    `alpha` the current coefficient. The Trainer mixin (`AlphaSVRGTrainerMixin`) provides them; a custom loop calls
+    `set_full_gradient`, `accumulate_snapshot_gradient` and sets `alpha`. With `alpha = 0` this is exactly the base
+    optimizer. SVRG tensors are kept in fp32 and out of `base.state`; `param_groups` *is*
     `base.param_groups`, so LR schedulers act on the base.
 
     Args:
@@ -42,6 +43,7 @@ class AlphaSVRG(torch.optim.Optimizer):
         self.full_gradient: list[torch.Tensor] | None = None
         self.snapshot_gradient = [torch.zeros_like(p, dtype=torch.float32) for p in self.parameters()]
         self.snapshot_parameters: list[torch.Tensor] | None = None
+        self._snapshot_gradient_reduced = False
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -50,14 +52,26 @@ class AlphaSVRG(torch.optim.Optimizer):
         """Set `mu`, the full gradient at the snapshot (one tensor per parameter, in `parameters()` order)."""
         self.full_gradient = [g.detach().to(torch.float32).clone() for g in gradients]
 
-    def accumulate_snapshot_gradient(self, gradients: Iterable[torch.Tensor | None]) -> None:
+    def accumulate_snapshot_gradient(self, gradients: Iterable[torch.Tensor | None], *, reduced: bool = False) -> None:
+        """Add the snapshot's gradient on a micro-batch to `acc` (`reduced=True`: already averaged across processes)."""
         for acc, g in zip(self.snapshot_gradient, gradients):
             if g is not None:
                 acc.add_(g.detach().to(torch.float32))
+        self._snapshot_gradient_reduced = reduced
 
     def reset_snapshot_gradient(self) -> None:
         for acc in self.snapshot_gradient:
             acc.zero_()
+        self._snapshot_gradient_reduced = False
+
+    def reduce_snapshot_gradient(self) -> None:
+        """Average `acc` across processes with `reduce`, once per step (one collective for all parameters)."""
+        if self.reduce is None or self._snapshot_gradient_reduced:
+            return
+        flat = self.reduce(torch.cat([acc.reshape(-1) for acc in self.snapshot_gradient]))
+        for acc, part in zip(self.snapshot_gradient, flat.split([a.numel() for a in self.snapshot_gradient])):
+            acc.copy_(part.view_as(acc))
+        self._snapshot_gradient_reduced = True
 
     def corrected_gradients(self) -> None:
         """Apply `p.grad += alpha * (mu - acc)` in place (no-op with `alpha == 0`)."""
@@ -65,12 +79,8 @@ class AlphaSVRG(torch.optim.Optimizer):
             return
         if self.full_gradient is None:
             raise RuntimeError("AlphaSVRG has no full gradient: call set_full_gradient (the mixin does at each refresh)")
-        accumulated = self.snapshot_gradient
-        if self.reduce is not None:  # one collective for all parameters, not one per tensor
-            flat = self.reduce(torch.cat([acc.reshape(-1) for acc in accumulated]))
-            accumulated = [part.view_as(acc) for part, acc in zip(flat.split([a.numel() for a in accumulated]),
-                                                                    accumulated)]
-        for p, mu, acc in zip(self.parameters(), self.full_gradient, accumulated):
+        self.reduce_snapshot_gradient()
+        for p, mu, acc in zip(self.parameters(), self.full_gradient, self.snapshot_gradient):
             if p.grad is not None:
                 p.grad.add_((mu - acc).mul_(self.alpha).to(p.grad.dtype))
 

@@ -23,7 +23,7 @@ import torch
 from . import tiny_models
 
 REQUIRED_KEYS = ("model", "callbacks", "deterministic")
-IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32}
+IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32, "transformers_swin": 32}
 
 
 def cases() -> list[tuple[str, str, dict]]:
@@ -76,6 +76,19 @@ def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, 
                          args=TrainingArguments(**settings), train_dataset=dataset(case, dataset_size),
                          callbacks=callbacks if callbacks is not None else build_callbacks(case),
                          **(trainer_init_kwargs if trainer_init_kwargs is not None else case.get("trainer_init_kwargs", {})))
+
+
+def emulate_fp16_loss_scaling(trainer, init_scale: float = 2.0 ** 16) -> None:
+    """Give a CPU `Trainer(fp16=True)` what Accelerate gives it on a GPU: fp16 autocast and a `GradScaler`.
+
+    On CPU, Accelerate runs `fp16=True` in fp32 without a scaler; this switches on its own GPU code path (autocast in
+    the prepared model and `accelerator.autocast()`, `scaler.scale(loss).backward()`, `scaler.step`/`update`, skipped
+    steps) with `torch.amp.GradScaler("cpu")`. Call it before `train()`.
+    """
+    if not trainer.args.fp16:
+        raise ValueError("emulate_fp16_loss_scaling needs a Trainer built with fp16=True")
+    trainer.accelerator.native_amp = True
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
 
 
 def main() -> None:

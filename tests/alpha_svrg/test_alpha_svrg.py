@@ -7,7 +7,7 @@ from transformers import TrainerCallback
 
 from hf_regtools.alpha_svrg import AlphaSVRG, AlphaSVRGConfig, svrg_alpha_schedule
 from hf_regtools.diagnostics import gradient_variance_metrics
-from hf_regtools.testing.harness import build_trainer
+from hf_regtools.testing.harness import build_trainer, emulate_fp16_loss_scaling
 
 MIXIN = "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin"
 
@@ -79,13 +79,17 @@ class CorrectedGradientProbe(TrainerCallback):
             self.checked += 1
 
 
-def test_first_step_after_refresh_with_alpha_one_uses_exactly_mu_with_paired_dropout_masks(tmp_path):
+@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16-loss-scaling"])
+@pytest.mark.parametrize("mode", ["snapshot", "cache"])
+def test_first_step_after_refresh_with_alpha_one_uses_exactly_mu_with_paired_dropout_masks(tmp_path, mode, fp16):
     probe = CorrectedGradientProbe()
     case = {"model": "transformers_vit", "callbacks": [], "deterministic": False, "mixin": MIXIN,
             "model_kwargs": {"hidden_dropout_prob": 0.5, "attention_probs_dropout_prob": 0.5}}
     trainer = build_trainer(case, tmp_path, max_steps=1, callbacks=[probe], max_grad_norm=0.0,
-                            gradient_accumulation_steps=2, batch_size=4,
-                            trainer_init_kwargs={"alpha_svrg": {"alpha0": 1.0, "kind": "constant"}})
+                            gradient_accumulation_steps=2, batch_size=4, fp16=fp16,
+                            trainer_init_kwargs={"alpha_svrg": {"alpha0": 1.0, "kind": "constant", "mode": mode}})
+    if fp16:
+        emulate_fp16_loss_scaling(trainer, init_scale=2.0 ** 10)
     trainer.train()
     assert probe.checked == len(list(trainer.model.parameters()))
 
@@ -163,6 +167,10 @@ def test_bad_settings_raise(tmp_path):
         AlphaSVRGConfig(kind="cosine")
     with pytest.raises(ValueError, match="snapshot_every"):
         AlphaSVRGConfig(snapshot_every=0)
+    with pytest.raises(ValueError, match="unknown alpha-SVRG mode"):
+        AlphaSVRGConfig(mode="cached")
+    with pytest.raises(ValueError, match="needs snapshot_every='epoch'"):
+        AlphaSVRGConfig(mode="cache", snapshot_every=2)
     p = torch.nn.Parameter(torch.zeros(2))
     optimizer = AlphaSVRG(torch.optim.SGD([p], lr=1.0))
     optimizer.alpha, p.grad = 0.5, torch.zeros(2)
@@ -206,11 +214,6 @@ def test_optimizer_cls_and_kwargs_route_is_not_wrapped_twice(tmp_path):
     routed.train()
     assert isinstance(routed.svrg_optimizer.base, torch.optim.SGD)
     assert not isinstance(routed.svrg_optimizer.base, AlphaSVRG)
-
-
-def test_fp16_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="does not support fp16"):
-        build_trainer(dict(VIT, mixin=MIXIN), tmp_path, max_steps=1, fp16=True)
 
 
 def test_extra_memory_is_three_model_sized_tensors(tmp_path):
