@@ -159,6 +159,15 @@ register(
                     "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
                     "deterministic": True,
                 },
+                "cache_mode": {
+                    "model": "transformers_vit",
+                    "model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+                    "callbacks": [],
+                    "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
+                    "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, "mode": "cache"}},
+                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
+                    "deterministic": True,
+                },
                 "cache_mode_with_dropout": {
                     "model": "transformers_vit",
                     "model_kwargs": {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
