@@ -115,7 +115,7 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
         teacher_ref = teacher
         from .checkpoint import CheckpointReader
 
-        layout = detect_family(CheckpointReader(resolved.folder)).layout
+        layout = detect_family(CheckpointReader(resolved.folder), role="teacher", technique="weight_selection").layout
         student_spec, overrides = (HUB_STUDENTS[layout] if student is None else student), {}
         if resolved.library != "transformers":
             raise ValueError("the demo fine-tunes with transformers.Trainer: pass a transformers ViT/ConvNeXt teacher")

@@ -1,8 +1,8 @@
 """Per-family adapters: what each supported model family looks like to our techniques.
 
 A `ModelFamily` knows, from the state-dict key names alone, where the classifier, the fused qkv projections and
-the positional embeddings of a family live. The library-specific modules (`adapters.timm`,
-`adapters.transformers`) know how to read configs and build models of that family.
+the positional embeddings of a family live, and which techniques do not apply to it. The library-specific modules
+(`adapters.timm`, `adapters.transformers`) know how to read configs and build models of that family.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class ModelFamily:
 
     Args:
         library (`str`): `"timm"` or `"transformers"`.
-        name (`str`): `"vit"`, `"deit"`, `"convnext"` or `"convnextv2"`.
+        name (`str`): `"vit"`, `"deit"`, `"convnext"`, `"convnextv2"` or `"swin"`.
         layout (`str`): `"isotropic"` (one stack of blocks) or `"hierarchical"` (stages).
         signature (`tuple[str, ...]`): regexes that must all match some key of the state dict.
         exclude (`tuple[str, ...]`): regexes none of which may match (distinguishes e.g. DeiT from ViT).
@@ -36,6 +36,7 @@ class ModelFamily:
             axes are channels, e.g. transformers ConvNeXt-V2's GRN parameters of shape `(1, 1, 1, C)`).
         head_dropout (`str`, *optional*): regex of the classifier-head dropout module's name.
         attention_dropout (`tuple[str, ...]`): float attributes holding an attention dropout rate.
+        unsupported (`dict[str, str]`): technique name -> why the technique does not apply to this family.
     """
 
     library: str
@@ -49,6 +50,7 @@ class ModelFamily:
     not_kernels: tuple[str, ...] = ()
     head_dropout: str | None = None
     attention_dropout: tuple[str, ...] = ()
+    unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -89,10 +91,30 @@ _TIMM_CONVNEXT = ModelFamily(
     classifier=("head.fc.",),
     head_dropout=r"^head\.drop$",
 )
+_SWIN_NOT_SELECTABLE = (
+    "Swin's patch merging stacks 2x2 neighbouring tokens along the channel axis (4C), so one index set over 4C "
+    "leaves the stage's channel set for non-integer width ratios; its relative-position bias tables hold one column "
+    "per head, and channel selection does not keep whole heads; neither the paper nor the official code covers it."
+)
+_TIMM_SWIN = ModelFamily(
+    library="timm", name="swin", layout="hierarchical",
+    signature=(r"^layers\.\d+\.blocks\.\d+\.attn\.relative_position_bias_table$",),
+    classifier=("head.fc.",),
+    head_dropout=r"^head\.drop$",
+    unsupported={"weight_selection": _SWIN_NOT_SELECTABLE},
+)
+_TRANSFORMERS_STAGE_BLOCK = r"(^|\.)encoder\.layers\.\d+\.blocks\.\d+\."
+_TRANSFORMERS_SWIN = ModelFamily(
+    library="transformers", name="swin", layout="hierarchical",
+    signature=(_TRANSFORMERS_STAGE_BLOCK + r"attention\.(self|relative_position_bias)\.relative_position_bias_table$",),
+    classifier=("classifier.",),
+    attention_dropout=("attention_dropout",),
+    unsupported={"weight_selection": _SWIN_NOT_SELECTABLE},
+)
 _TRANSFORMERS_VIT = ModelFamily(
     library="transformers", name="vit", layout="isotropic",
     signature=(r"(^|\.)embeddings\.patch_embeddings\.projection\.weight$",),
-    exclude=(r"(^|\.)embeddings\.distillation_token$", r"^deit\."),
+    exclude=(r"(^|\.)embeddings\.distillation_token$", r"^deit\.", _TRANSFORMERS_STAGE_BLOCK),
     classifier=("classifier.",),
     token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
     attention_dropout=("attention_dropout", "dropout_prob"),
@@ -110,6 +132,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             classifier=("head.", "head_dist.")),
     _TIMM_CONVNEXT,
     replace(_TIMM_CONVNEXT, name="convnextv2", exclude=(), signature=(*_TIMM_CONVNEXT.signature, r"\.grn\.")),
+    _TIMM_SWIN,
     _TRANSFORMERS_VIT,
     replace(_TRANSFORMERS_VIT, name="deit", exclude=(),
             signature=(*_TRANSFORMERS_VIT.signature, r"(^|\.)embeddings\.distillation_token$"),
@@ -117,27 +140,41 @@ FAMILIES: tuple[ModelFamily, ...] = (
     _TRANSFORMERS_CONVNEXT,
     replace(_TRANSFORMERS_CONVNEXT, name="convnextv2", exclude=(),
             signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",)),
+    _TRANSFORMERS_SWIN,
 )
 
 
-def supported_families() -> list[str]:
-    return [family.label for family in FAMILIES]
+def supported_families(technique: str | None = None) -> list[str]:
+    """Labels of the families (that `technique` supports, if given)."""
+    return [family.label for family in FAMILIES if technique not in family.unsupported]
 
 
-def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model") -> ModelFamily:
+def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model",
+                  technique: str | None = None) -> ModelFamily:
     """The `ModelFamily` of a module or of the keys of a state dict.
 
+    Args:
+        model_or_keys (`nn.Module` or `Iterable[str]`): a model, or the keys of its state dict or checkpoint.
+        role (`str`, *optional*, defaults to `"model"`): what the model is, for error messages (`"teacher"`, ...).
+        technique (`str`, *optional*): also require that this technique supports the family.
+
     Raises:
-        `UnsupportedModelError`: no or several families match; the message lists the supported ones.
+        `UnsupportedModelError`: no or several families match, or `technique` does not support the family; the
+            message lists the supported ones.
     """
     keys = list(model_or_keys.state_dict() if isinstance(model_or_keys, torch.nn.Module) else model_or_keys)
     found = [family for family in FAMILIES if family.matches(keys)]
+    supported = ", ".join(supported_families(technique))
     if len(found) != 1:
         sample = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
         raise UnsupportedModelError(
-            f"the {role} is not of a supported family (keys: {sample}). Supported: {', '.join(supported_families())}."
+            f"the {role} is not of a supported family (keys: {sample}). Supported: {supported}."
         )
-    return found[0]
+    family = found[0]
+    if technique in family.unsupported:
+        raise UnsupportedModelError(f"{technique.replace('_', ' ')} does not support the {role}'s family, "
+                                    f"{family.label}: {family.unsupported[technique]} Supported: {supported}.")
+    return family
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Where dropout and stochastic depth live in each supported family, as settable rate sites.
 
 A `RateSite` is one float that a forward pass reads at call time: `nn.Dropout.p`, a float attention-dropout
-attribute (transformers ViT `attention_dropout`), or `DropPath.drop_prob`. Sites are found once and then updated
-cheaply, so schedules never walk the module tree at every step.
+attribute (transformers ViT and Swin `attention_dropout`), or `DropPath.drop_prob`. Sites are found once and then
+updated cheaply, so schedules never walk the module tree at every step.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""timm adapter: configs, student construction and export for timm ViT/DeiT and ConvNeXt (v1, v2)."""
+"""timm adapter: configs, student construction and export for timm ViT/DeiT and ConvNeXt (v1, v2); drop path for
+these and Swin."""
 
 from __future__ import annotations
 

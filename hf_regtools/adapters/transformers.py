@@ -1,4 +1,5 @@
-"""transformers adapter: configs, student construction and export for ViT/DeiT and ConvNeXt (v1, v2)."""
+"""transformers adapter: configs, student construction and export for ViT/DeiT and ConvNeXt (v1, v2); drop path
+for ConvNeXt and Swin."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def drop_path_class(family):
     """The stochastic-depth module transformers builds for this family."""
     from importlib import import_module
 
-    classes = {"convnext": ("convnext", "ConvNextDropPath"), "convnextv2": ("convnextv2", "ConvNextV2DropPath")}
+    classes = {"convnext": ("convnext", "ConvNextDropPath"), "convnextv2": ("convnextv2", "ConvNextV2DropPath"),
+               "swin": ("swin", "SwinDropPath")}
     if family.name not in classes:
         raise UnsupportedModelError(f"transformers {family.name} has no stochastic depth")
     module, name = classes[family.name]

@@ -22,7 +22,7 @@ class DropRateController:
     then writes only floats, and nothing when `r` did not change.
 
     Args:
-        model (`nn.Module`): a timm or transformers ViT/DeiT/ConvNeXt.
+        model (`nn.Module`): a timm or transformers ViT/DeiT/ConvNeXt/Swin.
         target (`str`, *optional*, defaults to `"dropout"`): `"dropout"` or `"drop_path"` (stochastic depth, with the
             linear depth rule `linspace(0, r, L)` over all blocks).
         include_head (`bool`, *optional*, defaults to `False`): also schedule the classifier-head dropout.

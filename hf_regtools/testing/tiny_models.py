@@ -1,6 +1,7 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
-`TEACHERS[(library, family)]` builds a teacher; `STUDENTS[(library, family)]` a narrower, shallower student of the
+`MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports,
+`TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the
 same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 """
 
@@ -56,6 +57,26 @@ def transformers_convnext(*, hidden_sizes: tuple[int, ...] = (8, 16, 32, 64), de
                                     **kwargs))
 
 
+def timm_swin(*, embed_dim: int = 16, depths: tuple[int, ...] = (2, 2), num_heads: tuple[int, ...] = (1, 2),
+              window_size: int = 2, img_size: int = 32, patch_size: int = 4, num_classes: int = 3,
+              **kwargs) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=embed_dim, depths=depths,
+                             num_heads=num_heads, window_size=window_size, img_size=img_size, patch_size=patch_size,
+                             num_classes=num_classes, **kwargs)
+
+
+def transformers_swin(*, embed_dim: int = 16, depths: tuple[int, ...] = (2, 2), num_heads: tuple[int, ...] = (1, 2),
+                      window_size: int = 2, image_size: int = 32, patch_size: int = 4, num_labels: int = 3,
+                      **kwargs) -> torch.nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(SwinConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
+                                                 window_size=window_size, image_size=image_size,
+                                                 patch_size=patch_size, num_labels=num_labels, **kwargs))
+
+
 TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("timm", "vit"): timm_vit,
     ("timm", "deit"): lambda **kw: timm_vit(distilled=True, **kw),
@@ -74,7 +95,6 @@ _STUDENT_ARGS = {
 }
 
 
-
 def _narrower(build: Callable[..., torch.nn.Module], **defaults) -> Callable[..., torch.nn.Module]:
     return lambda **kwargs: build(**{**defaults, **kwargs})
 
@@ -82,4 +102,10 @@ def _narrower(build: Callable[..., torch.nn.Module], **defaults) -> Callable[...
 STUDENTS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     (library, family): _narrower(build, **_STUDENT_ARGS[library]["convnext" if "convnext" in family else "vit"])
     for (library, family), build in TEACHERS.items()
+}
+
+MODELS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
+    **TEACHERS,
+    ("timm", "swin"): timm_swin,
+    ("transformers", "swin"): transformers_swin,
 }

@@ -184,9 +184,9 @@ def select_weights(
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
 
-    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2),
-    the student no wider and no deeper than the teacher. The teacher may be a module, a state dict, or a
-    `CheckpointReader` that reads one tensor at a time from the teacher's files.
+    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2; not
+    Swin, see the method card), the student no wider and no deeper than the teacher. The teacher may be a module, a
+    state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files.
 
     Args:
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
@@ -297,9 +297,9 @@ def _is_transformers_model(model) -> bool:
 
 
 def _matching_family(teacher_tensors, student_tensors) -> ModelFamily:
-    student_family = detect_family(student_tensors, role="student")
+    student_family = detect_family(student_tensors, role="student", technique="weight_selection")
     try:
-        teacher_family = detect_family(teacher_tensors, role="teacher")
+        teacher_family = detect_family(teacher_tensors, role="teacher", technique="weight_selection")
     except UnsupportedModelError as error:
         raise UnsupportedModelError(f"{error} The student is {student_family.label}.") from None
     if teacher_family.library != student_family.library:

@@ -101,7 +101,7 @@ def initialize_student(
         on_hub = resolved.repo_id is not None
         teacher_weights = CheckpointReader(resolved.folder)
         teacher_config = library_adapter(library).load_config(resolved.folder)
-    family = detect_family(teacher_weights, role="teacher")
+    family = detect_family(teacher_weights, role="teacher", technique="weight_selection")
 
     model, source = _build_student(student, overrides, num_labels, family, library, teacher_config)
     report = select_weights(teacher_weights, model, **config.to_dict())
@@ -157,7 +157,7 @@ def _is_bare_name(reference: str, library: str) -> bool:
 
 
 def _check_same_family(student: torch.nn.Module, family: ModelFamily) -> None:
-    student_family = detect_family(student, role="student")
+    student_family = detect_family(student, role="student", technique="weight_selection")
     if student_family.layout != family.layout:
         raise UnsupportedModelError(f"the student is {student_family.label} but the teacher {family.label}; "
                                     "teacher and student must be of the same family")

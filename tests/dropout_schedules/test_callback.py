@@ -1,7 +1,7 @@
 import pytest
 
 from hf_regtools.dropout_schedules import (DropScheduleCallback, EarlyDropoutCallback, LateDropoutCallback,
-                                           LateStochasticDepthCallback)
+                                           LateStochasticDepthCallback, block_rates)
 from hf_regtools.schedules import drop_schedule
 from hf_regtools.testing.harness import build_trainer
 
@@ -40,6 +40,21 @@ def test_identity_error_raises_when_the_trainer_is_built(tmp_path):
     with pytest.raises(Exception, match="Identity placeholders"):
         build_trainer(case, tmp_path, max_steps=1,
                       callbacks=[LateStochasticDepthCallback(p=0.5, cutoff_steps=1, on_identity="error")])
+
+
+def test_late_stochastic_depth_on_swin_installs_drop_path_and_follows_the_schedule(tmp_path):
+    case = {"model": "transformers_swin", "model_kwargs": {"drop_path_rate": 0.0}, "callbacks": [],
+            "deterministic": False}
+    trainer = build_trainer(case, tmp_path, max_steps=3, callbacks=[LateStochasticDepthCallback(p=0.5, cutoff_steps=2)])
+    blocks = [block for stage in trainer.model.swin.encoder.layers for block in stage.blocks]
+    assert [type(block.drop_path).__name__ for block in blocks] == ["SwinDropPath"] * 4
+    seen = []
+    hook = blocks[-1].drop_path.register_forward_pre_hook(
+        lambda module, args: seen.append((trainer.state.global_step, module.drop_prob)))
+    trainer.train()
+    hook.remove()
+    assert seen == [(0, 0.0), (1, 0.0), (2, 0.5)]
+    assert [block.drop_path.drop_prob for block in blocks] == pytest.approx(block_rates(0.5, 4))
 
 
 def test_callback_argument_errors():

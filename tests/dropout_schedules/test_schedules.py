@@ -2,11 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from hf_regtools.adapters import UnsupportedModelError
-from hf_regtools.adapters.sites import drop_path_blocks, dropout_sites
+from hf_regtools.adapters import UnsupportedModelError, detect_family, library_adapter
+from hf_regtools.adapters.sites import drop_path_blocks, drop_path_slots, dropout_sites
 from hf_regtools.dropout_schedules import DropRateController, apply_drop_rate, block_rates
 from hf_regtools.schedules import drop_schedule, drop_schedule_array
-from hf_regtools.testing.tiny_models import timm_convnext, timm_vit, transformers_convnext, transformers_vit
+from hf_regtools.testing.tiny_models import (MODELS, timm_convnext, timm_swin, timm_vit, transformers_convnext,
+                                             transformers_swin, transformers_vit)
+
+STOCHASTIC_DEPTH = sorted(key for key in MODELS if key[0] == "timm" or key[1] != "vit" and key[1] != "deit")
+DROPOUT = sorted(key for key in MODELS if key[0] == "timm" or "convnext" not in key[1])
+BLOCKS = {"vit": 4, "deit": 4, "convnext": 9, "convnextv2": 9, "swin": 4}
 
 
 def official_drop_scheduler(drop_rate, epochs, niter_per_ep, cutoff_epoch=0, mode="standard", schedule="constant"):
@@ -78,6 +83,8 @@ def forward(model, x):
     (lambda: timm_vit(drop_rate=0.2, attn_drop_rate=0.2, proj_drop_rate=0.2, pos_drop_rate=0.2), 16),
     (lambda: transformers_vit(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), 16),
     (lambda: timm_convnext(drop_rate=0.2), 32),
+    (lambda: timm_swin(drop_rate=0.2, attn_drop_rate=0.2, proj_drop_rate=0.2, drop_path_rate=0.0), 32),
+    (lambda: transformers_swin(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, drop_path_rate=0.0), 32),
 ])
 def test_dropout_coverage(build, side):
     torch.manual_seed(0)
@@ -107,16 +114,17 @@ def test_head_dropout_only_when_asked():
     assert model.head_drop.p == 0.3
 
 
-def test_identity_trap():
+@pytest.mark.parametrize("build", [transformers_convnext, transformers_swin, timm_swin])
+def test_identity_trap(build):
     torch.manual_seed(0)
-    model = transformers_convnext()
+    model = build(drop_path_rate=0.0)
     with pytest.raises(UnsupportedModelError, match="Identity placeholders"):
         DropRateController(model, target="drop_path", on_identity="error")
-    controller = DropRateController(model, target="drop_path")
     params_before = [id(p) for p in model.parameters()]
     x = torch.randn(2, 3, 32, 32)
     model.train()
     assert torch.equal(forward(model, x), forward(model, x))
+    controller = DropRateController(model, target="drop_path")
     controller.set(0.5)
     assert not torch.equal(forward(model, x), forward(model, x))
     assert [id(p) for p in model.parameters()] == params_before
@@ -130,18 +138,35 @@ def test_models_without_sites_raise():
         DropRateController(transformers_convnext(), target="dropout")
 
 
-@pytest.mark.parametrize("key", sorted(__import__("hf_regtools.testing.tiny_models", fromlist=["TEACHERS"]).TEACHERS))
+@pytest.mark.parametrize("key", sorted(MODELS), ids="-".join)
 def test_every_supported_family_has_its_sites_updated(key):
-    from hf_regtools.testing.tiny_models import TEACHERS
-
-    library, family = key
-    model = TEACHERS[key]()
-    if "convnext" in family:
+    model = MODELS[key]()
+    if key in STOCHASTIC_DEPTH:
         drop_path = DropRateController(model, target="drop_path")
         drop_path.set(0.4)
-        rates = [site.get() for block in drop_path_blocks(model) for site in block]
-        assert rates[0] == 0.0 and abs(rates[-1] - 0.4) < 1e-6 and len(drop_path.sites) == 9
-    if library == "timm" or "convnext" not in family:
-        dropout = DropRateController(model, target="dropout")
-        dropout.set(0.25)
-        assert dropout.sites and all(site.get() == 0.25 for block in dropout.sites for site in block)
+        slots = drop_path_slots(model)
+        assert {type(module) for _, module in slots} == {library_adapter(key[0]).drop_path_class(detect_family(model))}
+        rates = [[site.get() for site in block] for block in drop_path_blocks(model)]
+        assert len(rates) == BLOCKS[key[1]] and sum(map(len, rates)) == len(slots)
+        assert rates == [[rate] * len(block) for rate, block in zip(block_rates(0.4, len(rates)), rates)]
+    else:
+        with pytest.raises(UnsupportedModelError, match="has no stochastic"):
+            DropRateController(model, target="drop_path")
+    if key in DROPOUT:
+        DropRateController(model, target="dropout", include_head=True).set(0.25)
+        modules = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+        floats = [value for module in model.modules() for attribute, value in vars(module).items()
+                  if isinstance(value, float) and "drop" in attribute and attribute not in ("drop_prob", "drop_rate")]
+        assert modules and all(module.p == 0.25 for module in modules) and all(value == 0.25 for value in floats)
+    else:
+        with pytest.raises(UnsupportedModelError, match="no dropout site"):
+            DropRateController(model, target="dropout")
+
+
+@pytest.mark.parametrize("key", STOCHASTIC_DEPTH, ids="-".join)
+def test_depth_rule_matches_the_rates_each_library_builds(key):
+    built = MODELS[key](drop_path_rate=0.3)
+    expected = [getattr(module, "drop_prob", 0.0) for _, module in drop_path_slots(built)]
+    model = MODELS[key](drop_path_rate=0.0)
+    DropRateController(model, target="drop_path").set(0.3)
+    assert [module.drop_prob for _, module in drop_path_slots(model)] == pytest.approx(expected, abs=1e-7)

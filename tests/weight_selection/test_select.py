@@ -4,8 +4,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from hf_regtools.adapters import UnsupportedModelError, detect_family
-from hf_regtools.testing.tiny_models import STUDENTS, TEACHERS, timm_convnext, timm_vit, transformers_vit
+from hf_regtools.adapters import UnsupportedModelError, detect_family, supported_families
+from hf_regtools.testing.tiny_models import MODELS, STUDENTS, TEACHERS, timm_convnext, timm_vit, transformers_vit
 from hf_regtools.weight_selection import WeightSelectionError, select_tensor, select_weights, uniform_indices
 
 FAMILIES = sorted(TEACHERS)
@@ -38,6 +38,21 @@ def test_every_family_selects_all_but_the_classifier(library, family):
                     index = torch.cat([index + i * (D // 3) for i in range(3)])
                 expected = expected.index_select(axis, index)
         assert torch.equal(student_sd[key], expected), key
+
+
+def test_tiny_teachers_cover_exactly_the_supported_families():
+    assert set(supported_families("weight_selection")) == {" ".join(key) for key in TEACHERS}
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_swin_raises_with_the_reason(library):
+    swin, vit = MODELS[(library, "swin")], MODELS[(library, "vit")]
+    with pytest.raises(UnsupportedModelError, match=f"does not support the student's family, {library} swin: Swin's "
+                                                    "patch merging") as error:
+        select_weights(swin(), swin(embed_dim=8))
+    assert "swin" not in str(error.value).partition("Supported:")[2]
+    with pytest.raises(UnsupportedModelError, match=f"the teacher's family, {library} swin"):
+        select_weights(swin(), vit())
 
 
 def test_consistency_timm_vit_patch_embedding():

@@ -8,7 +8,8 @@ from safetensors import safe_open
 from hf_regtools.adapters import UnsupportedModelError, save_model
 from hf_regtools.checkpoint import CheckpointError
 from hf_regtools.testing.assertions import assert_same_weights
-from hf_regtools.testing.tiny_models import timm_convnext, timm_vit, transformers_convnext, transformers_vit
+from hf_regtools.testing.tiny_models import (timm_convnext, timm_swin, timm_vit, transformers_convnext,
+                                             transformers_swin, transformers_vit)
 from hf_regtools.weight_selection import initialize_student, uniform_indices
 
 
@@ -107,6 +108,12 @@ def test_student_errors(tmp_path):
         convnext_config = tmp_path / "cn"
         saved(timm_convnext(), convnext_config)
         initialize_student(folder, convnext_config)
+
+
+@pytest.mark.parametrize("build", [timm_swin, transformers_swin])
+def test_swin_teacher_raises_before_a_student_is_built(build, tmp_path):
+    with pytest.raises(UnsupportedModelError, match="weight selection does not support the teacher's family"):
+        initialize_student(saved(build(), tmp_path / "t"), hidden_size=8)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):
