@@ -63,16 +63,20 @@ def drop_path_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
 def drop_path_blocks(model: torch.nn.Module) -> list[list[RateSite]]:
     """Drop-path sites grouped by residual block, in depth order (ConvNeXt: one global order across stages).
 
+    The first block's rate is 0 under the linear depth rule, so libraries build it as `Identity` even with a non-zero
+    drop path rate; it stays in the list with no site.
+
     Raises:
-        `UnsupportedModelError`: a slot is still an `Identity` placeholder (see `install_drop_path`).
+        `UnsupportedModelError`: a slot of a later block is still an `Identity` placeholder (see `install_drop_path`).
     """
     blocks: dict[str, list[RateSite]] = {}
     placeholders = []
     for name, module in drop_path_slots(model):
-        if not hasattr(module, "drop_prob"):
+        sites = blocks.setdefault(name.rpartition(".")[0], [])
+        if hasattr(module, "drop_prob"):
+            sites.append(RateSite(name, module, "drop_prob"))
+        elif len(blocks) > 1:
             placeholders.append(name)
-            continue
-        blocks.setdefault(name.rpartition(".")[0], []).append(RateSite(name, module, "drop_prob"))
     if placeholders:
         raise UnsupportedModelError(
             f"{len(placeholders)} stochastic-depth slots are Identity placeholders (the model was built with drop "

@@ -131,6 +131,18 @@ def test_identity_trap(build):
     assert drop_path_blocks(model)[0][0].get() == 0.0
 
 
+@pytest.mark.parametrize("build", [timm_vit, transformers_convnext, transformers_swin, timm_swin])
+def test_a_model_built_with_stochastic_depth_needs_no_surgery(build):
+    """Every library builds the first block (rate 0 under the depth rule) as Identity: that is no placeholder."""
+    model = build(drop_path_rate=0.1)
+    names = [name for name, _ in model.named_modules()]
+    controller = DropRateController(model, target="drop_path", on_identity="error")
+    assert [name for name, _ in model.named_modules()] == names
+    controller.set(0.3)
+    assert controller.sites[0] == [] or all(site.get() == 0.0 for site in controller.sites[0])
+    assert len(controller.sites) > 1 and all(site.get() == pytest.approx(0.3) for site in controller.sites[-1])
+
+
 def test_models_without_sites_raise():
     with pytest.raises(UnsupportedModelError, match="no stochastic depth"):
         DropRateController(transformers_vit(), target="drop_path")
