@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import sys
 from collections.abc import Iterable
 from contextlib import contextmanager
 
@@ -35,6 +36,18 @@ def transformers_checkpoint_key_map(model: torch.nn.Module, checkpoint_keys: Ite
         if converted_by is None and renamed in expected:
             mapping[renamed] = key
     return mapping
+
+
+def transformers_model_key(model: torch.nn.Module, checkpoint_key: str) -> str:
+    """The state-dict name under which `model` holds the tensor saved as `checkpoint_key`.
+
+    Checkpoints keep the original layout in 4.57 and 5.x alike (`vit.encoder.layer.0.attention.attention.query.weight`),
+    while the module names differ (5.x: `vit.layers.0.attention.q_proj.weight`); naming tensors by their checkpoint key
+    works with both.
+    """
+    for key in transformers_checkpoint_key_map(model, [checkpoint_key]):
+        return key
+    raise KeyError(f"{type(model).__name__} has no tensor saved as {checkpoint_key!r}")
 
 
 def _key_map_v4(model, checkpoint_keys, expected, prefix) -> dict[str, str]:
@@ -83,3 +96,33 @@ def trainer_divides_loss_by_ga(trainer, num_items_in_batch) -> bool:
 
 def gradient_accumulation_steps(trainer) -> int:
     return getattr(trainer, "current_gradient_accumulation_steps", None) or trainer.args.gradient_accumulation_steps
+
+
+def set_hub_offline(offline: bool) -> None:
+    """Switch the Hub clients of this process to offline mode (or back), as `HF_HUB_OFFLINE=1` at import would.
+
+    huggingface_hub >= 1 reads `constants.HF_HUB_OFFLINE` at every request; 0.x reads it when it creates its HTTP
+    sessions, which it caches (so they are reset here), and transformers 4.57 copies it at import
+    (`transformers.utils.hub._is_offline_mode`).
+    """
+    from huggingface_hub import constants, utils
+
+    constants.HF_HUB_OFFLINE = offline
+    reset_sessions = getattr(utils, "reset_sessions", None)  # huggingface_hub 0.x
+    if reset_sessions is not None:
+        reset_sessions()
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_is_offline_mode"):  # transformers 4.57
+        transformers_hub._is_offline_mode = offline
+
+
+def hub_uploads_need_global_endpoint() -> bool:
+    """Whether `HfApi(endpoint=...)` uploads only work when `HF_ENDPOINT` names that same endpoint.
+
+    huggingface_hub 0.x parses the commit URL an upload returns against the global endpoint (`constants.ENDPOINT`,
+    from `HF_ENDPOINT`), not the `HfApi`'s, and fails with "Unable to retrieve user and repo ID" otherwise; 1.x
+    uses the `HfApi`'s endpoint.
+    """
+    from huggingface_hub.hf_api import CommitInfo
+
+    return "_endpoint" not in CommitInfo.__dataclass_fields__

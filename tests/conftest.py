@@ -63,6 +63,19 @@ def fake_hub():
     _FAKE_HUB.clear_faults()
 
 
+@pytest.fixture(autouse=True)
+def _mixed_precision_stays_in_its_test():
+    """transformers 4.57's `TrainingArguments(bf16=True)` (or fp16) writes `ACCELERATE_MIXED_PRECISION` into
+    `os.environ`, and every later `TrainingArguments` of the process, and every subprocess, takes it as its default:
+    without this, the tests after a bf16 test would all train under bf16 autocast."""
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    yield
+    if before is None:
+        os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+    else:
+        os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
 @pytest.fixture
 def hub_env():
     """Environment for subprocesses that must talk to the session's fake Hub."""

@@ -24,6 +24,7 @@ from huggingface_hub.errors import (
 )
 from safetensors.torch import save_file
 
+from hf_regtools._compat import hub_uploads_need_global_endpoint
 from hf_regtools.testing.assertions import assert_same_weights
 from hf_regtools.testing.fake_hub import FakeHub
 
@@ -237,14 +238,17 @@ def test_download_cache_layout(fake_hub, tmp_path):
         assert f.read() == uploaded["config.json"]
 
 
-def test_server_contract_on_private_instance():
+def test_server_contract_on_private_instance(monkeypatch):
     with FakeHub() as hub:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+", hub.url)
         api = HfApi(endpoint=hub.url)
         repo_id = _repo_id()
         api.create_repo(repo_id, repo_type="dataset")
-        api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data/train.csv", repo_id=repo_id,
-                        repo_type="dataset")
+        with monkeypatch.context() as patch:
+            if hub_uploads_need_global_endpoint():  # huggingface_hub 0.x: HF_ENDPOINT must name the HfApi's endpoint
+                patch.setattr(constants, "ENDPOINT", hub.url)
+            api.upload_file(path_or_fileobj=b"a,b\n1,2\n", path_in_repo="data/train.csv", repo_id=repo_id,
+                            repo_type="dataset")
         path = hf_hub_download(repo_id, "data/train.csv", repo_type="dataset", endpoint=hub.url)
         with open(path, "rb") as f:
             assert f.read() == b"a,b\n1,2\n"

@@ -10,10 +10,11 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 
+from hf_regtools._compat import transformers_model_key
 from hf_regtools.adapters import save_model
 from hf_regtools.hub import HubError, build_model_card, load_model, push_folder, resolve_model
 from hf_regtools.testing.assertions import assert_same_weights
-from hf_regtools.testing.offline_cache import add_to_cache
+from hf_regtools.testing.offline_cache import add_to_cache, hub_offline
 from hf_regtools.testing.tiny_models import timm_vit, transformers_vit
 from hf_regtools.weight_selection import initialize_student, uniform_indices
 
@@ -59,14 +60,17 @@ def test_offline_cache_pull_with_cli(tmp_path, teachers, cli):
         torch.cat([uniform_indices(16, 8) + i * 16 for i in range(3)])][:, idx])
     hf_student = ViTForImageClassification.from_pretrained(tmp_path / "s_hf")
     assert hf_student.config.num_labels == 4
-    assert torch.equal(hf_student.vit.layers[1].mlp.fc2.weight, models["transformers"].vit.layers[1].mlp.fc2.weight[idx][:, uniform_indices(32, 16)])
+    fc2 = "vit.encoder.layer.1.output.dense.weight"  # as saved; transformers 5 names it vit.layers.1.mlp.fc2.weight
+    teacher_fc2 = models["transformers"].state_dict()[transformers_model_key(models["transformers"], fc2)]
+    assert torch.equal(hf_student.state_dict()[transformers_model_key(hf_student, fc2)],
+                       teacher_fc2[idx][:, uniform_indices(32, 16)])
     for library in ("timm", "transformers"):
         card = ModelCard.load(tmp_path / ("s_timm" if library == "timm" else "s_hf") / "README.md")
         assert card.data.base_model == repos[library] and card.data.library_name == library
         assert shas[library] in card.text
 
 
-def test_offline_missing_file_raises_clear_error(tmp_path, monkeypatch):
+def test_offline_missing_file_raises_clear_error(tmp_path):
     torch.manual_seed(0)
     folder = tmp_path / "t"
     save_model(timm_vit(), folder)
@@ -74,11 +78,15 @@ def test_offline_missing_file_raises_clear_error(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     repo_id = repo()
     add_to_cache(cache, repo_id, folder)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
-        hf_hub_download(repo_id, "model.safetensors", cache_dir=cache)
-    with pytest.raises(HubError, match="not in the local cache"):
-        resolve_model("org/absent", revision=None)
+    with hub_offline():
+        from transformers.utils.hub import is_offline_mode
+
+        assert is_offline_mode()
+        with pytest.raises(huggingface_hub.errors.LocalEntryNotFoundError):
+            hf_hub_download(repo_id, "model.safetensors", cache_dir=cache)
+        with pytest.raises(HubError, match="not in the local cache and HF_HUB_OFFLINE=1 is set"):
+            resolve_model("org/absent", revision=None)
+    assert not is_offline_mode()
 
 
 def test_push_then_pull_round_trip(tmp_path, teachers, fake_hub):

@@ -2,6 +2,7 @@
 
 Layout (`huggingface_hub`'s): `models--{org}--{name}/refs/{revision}` holds a commit sha and
 `models--{org}--{name}/snapshots/{sha}/` the files (plain copies are accepted in place of blob symlinks).
+`hub_offline()` switches offline mode on inside a running process (the variable itself is read at import).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -40,3 +43,22 @@ def add_to_cache(cache_dir: str | os.PathLike, repo_id: str, folder: str | os.Pa
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / revision).write_text(sha)
     return sha
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Within the block, huggingface_hub and transformers in this process behave as under `HF_HUB_OFFLINE=1`.
+
+    For tests that set the environment too late: `huggingface_hub` and transformers read `HF_HUB_OFFLINE` at import,
+    and some versions cache it (`hf_regtools._compat.set_hub_offline`).
+    """
+    import huggingface_hub
+
+    from .._compat import set_hub_offline
+
+    previous = huggingface_hub.constants.HF_HUB_OFFLINE
+    set_hub_offline(True)
+    try:
+        yield
+    finally:
+        set_hub_offline(previous)

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 
+from hf_regtools._compat import transformers_model_key
 from hf_regtools.adapters import UnsupportedModelError, detect_family, supported_families
 from hf_regtools.testing.tiny_models import MODELS, STUDENTS, TEACHERS, timm_convnext, timm_vit, transformers_vit
 from hf_regtools.weight_selection import WeightSelectionError, select_tensor, select_weights, uniform_indices
@@ -89,7 +90,8 @@ def test_consistency_transformers_vit_and_classifier_never_copied():
     assert torch.equal(student.classifier.weight, head_before)
     assert "classifier.weight" in report.skipped
     t, s = teacher.state_dict(), student.state_dict()
-    assert torch.equal(s["vit.layers.1.attention.q_proj.weight"], t["vit.layers.1.attention.q_proj.weight"][idx][:, idx])
+    q = transformers_model_key(student, "vit.encoder.layer.1.attention.attention.query.weight")  # 5.x: q_proj
+    assert torch.equal(s[q], t[q][idx][:, idx])
 
 
 def test_layer_selection_first_n_isotropic():

@@ -5,6 +5,7 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
+from hf_regtools._compat import transformers_model_key
 from hf_regtools.adapters import UnsupportedModelError, save_model
 from hf_regtools.checkpoint import CheckpointError
 from hf_regtools.testing.assertions import assert_same_weights
@@ -55,15 +56,16 @@ def test_transformers_overrides_keep_head_dim_and_mlp_ratio(tmp_path):
     torch.manual_seed(0)
     teacher = transformers_vit(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128)
     folder = saved(teacher, tmp_path / "t")
-    with safe_open(folder / "model.safetensors", "pt") as f:  # transformers 5 saves the original key layout
-        assert "vit.encoder.layer.0.attention.attention.query.weight" in f.keys()
+    query = "vit.encoder.layer.{}.attention.attention.query.weight"  # the original key layout, as saved by 4.57 and 5.x
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert query.format(0) in f.keys()
     result = initialize_student(folder, hidden_size=16, depth=2, num_labels=5)
     config = result.model.config
     assert (config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers) == (16, 2, 64, 2)
     assert config.num_labels == 5
     idx = uniform_indices(32, 16)
-    assert torch.equal(result.model.vit.layers[1].attention.q_proj.weight,
-                       teacher.vit.layers[1].attention.q_proj.weight[idx][:, idx])
+    q = transformers_model_key(teacher, query.format(1))  # 5.x: vit.layers.1.attention.q_proj.weight
+    assert torch.equal(result.model.state_dict()[q], teacher.state_dict()[q][idx][:, idx])
     out = result.save(tmp_path / "s")
     from transformers import ViTForImageClassification
 
