@@ -21,8 +21,9 @@ class AlphaSVRGConfig:
     clip_norm: float | None = field(default=None, metadata={
         "help": "clip the corrected gradient to this norm (set the Trainer's max_grad_norm=0 for parity)"})
     mode: str = field(default="snapshot", metadata={
-        "help": "'snapshot' (a snapshot forward/backward per micro-batch) or 'cache' (one pass per epoch caching every "
-                "step's snapshot gradient, then the epoch is replayed: less compute, steps x model size memory)",
+        "help": "'snapshot' (a snapshot forward/backward per micro-batch) or 'cache' (one snapshot pass per epoch "
+                "caches every step's gradient, then the epoch trains on the same batches: less compute, memory of "
+                "steps x model size plus the epoch's batches)",
         "choices": MODES})
     copy_buffers: bool = field(default=False, metadata={
         "help": "also copy buffers (BN statistics) to the snapshot; the official code copies parameters only"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -18,24 +17,8 @@ from .optimizer import AlphaSVRG
 MIN_LOSS_SCALE = 2.0 ** -24
 
 
-@dataclass
-class _CachedStep:
-    gradient: torch.Tensor  # flat fp32, averaged across processes
-    fingerprints: list[dict[str, torch.Tensor]]
-
-
 def _batch_size(batch) -> int:
     return len(next(v for v in batch.values() if torch.is_tensor(v)))
-
-
-def _fingerprint(batch) -> dict[str, torch.Tensor]:
-    """Per-sample sums of every tensor in the batch (catches another order, other samples or other augmentations)."""
-    return {key: value.detach().reshape(len(value), -1).sum(1, dtype=torch.float64)
-            for key, value in batch.items() if torch.is_tensor(value) and value.dim() > 0}
-
-
-def _same_fingerprint(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
 def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -56,11 +39,11 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
     - `mode="snapshot"` (default), every micro-batch: after the normal forward/backward, the RNG is rewound and the
       snapshot computes its gradient on the same inputs with the same dropout masks and the same loss normalisation;
       the RNG is then put back where training left it;
-    - `mode="cache"` (the official `Cache_SVRG`, for small models): at each epoch's start one pass of the snapshot over
-      the epoch caches every step's gradient (`fill_cache`); training then replays the same batches and RNG stream
-      and takes the cached gradients. About 2x the compute of the base optimizer instead of 3x, for steps x model size
-      of memory. Needs a reproducible data order (the Trainer's default seedable sampler; no unseeded random
-      transforms in the main process): a batch that differs from the cached one raises;
+    - `mode="cache"` (the official `Cache_SVRG`, for small models): at each epoch's start `get_batch_samples` takes
+      all of the epoch's batches, one pass of the snapshot over them caches every step's gradient (`fill_cache`) with
+      the RNG stream training will have, and training then runs on those very batches and takes the cached
+      gradients. About 2x the compute of the base optimizer instead of 3x, for memory of steps x model size (plus
+      the epoch's batches);
     - `AlphaSVRG.step` adds `alpha_t (mu - acc)` to the (DDP-averaged) gradients and steps the base optimizer;
       `alpha_t` is `svrg_alpha_schedule(global_step)`, logged as `hf_regtools/alpha_svrg/alpha`. When it is 0 the
       snapshot work is skipped.
@@ -88,11 +71,14 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
 
     def _reset_run_state(self) -> None:
         self._accumulating_for = self._refreshed_at = self._loss_scale = self._replay_dataloader = None
-        self._micro_batch, self._cache, self._cache_epoch, self._expected_batches = 0, {}, None, []
+        self._micro_batch, self._cache, self._epoch_steps, self._epoch_iterator = 0, {}, {}, None
 
     def train(self, *args, **kwargs):
         self._reset_run_state()
-        return super().train(*args, **kwargs)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._reset_run_state()
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -134,7 +120,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         if optimizer.alpha == 0.0:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.alpha_svrg.mode == "cache":
-            self._take_cached_snapshot_gradient(step, inputs)
+            if self._micro_batch == 0:
+                self._take_cached_snapshot_gradient(step)
             loss = super().training_step(model, inputs, num_items_in_batch)
         else:
             loss = self._training_step_with_snapshot(model, inputs, num_items_in_batch, step)
@@ -187,51 +174,51 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         set_rng_state(saved)
         optimizer.set_full_gradient(self._mean_across_processes(t / batches) for t in totals)
 
-    def _take_cached_snapshot_gradient(self, step: int, inputs) -> None:
-        """Cache mode: hand the step's cached snapshot gradient to the optimizer and check the batch is the cached one."""
-        epoch, update = divmod(step, self._update_steps_per_epoch())
-        if self._micro_batch == 0:
-            if self._cache_epoch != epoch or update not in self._cache:
-                self.fill_cache(step)
-            cached, optimizer = self._cache.pop(update), self.svrg_optimizer
-            optimizer.accumulate_snapshot_gradient(_split(cached.gradient, optimizer.snapshot_gradient), reduced=True)
-            self._expected_batches = cached.fingerprints
-        expected = self._expected_batches
-        if self._micro_batch >= len(expected) or not _same_fingerprint(_fingerprint(inputs),
-                                                                        expected[self._micro_batch]):
-            raise RuntimeError(
-                f"alpha-SVRG cache mode: micro-batch {self._micro_batch} of step {step} is not the batch the cache "
-                "pass saw, so the Trainer's data order or augmentation is not reproducible. Keep the seedable sampler "
-                "(TrainingArguments(accelerator_config={'use_seedable_sampler': True}), the default), make random "
-                "transforms draw from a seeded generator (or the dataloader workers), or use mode='snapshot'")
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Cache mode: at an epoch's first step take all of its batches (grouped per optimizer step as the Trainer
+        groups them), so that the snapshot's cache pass and training see the very same batches; hand them out one
+        step at a time."""
+        if self.alpha_svrg.mode != "cache" or self.alpha_at(self.state.global_step) == 0.0:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        if epoch_iterator is not self._epoch_iterator:
+            self._epoch_iterator, step, self._epoch_steps = epoch_iterator, self.state.global_step, {}
+            accumulation = self.args.gradient_accumulation_steps
+            while (taken := super().get_batch_samples(epoch_iterator, accumulation, device))[0]:
+                self._epoch_steps[step] = taken
+                step += 1
+        return self._epoch_steps.get(self.state.global_step, ([], None))
+
+    def _take_cached_snapshot_gradient(self, step: int) -> None:
+        if step not in self._cache:
+            self.fill_cache(step)
+        optimizer = self.svrg_optimizer
+        optimizer.accumulate_snapshot_gradient(_split(self._cache.pop(step), optimizer.snapshot_gradient), reduced=True)
+        self._epoch_steps.pop(step, None)
 
     def fill_cache(self, step: int) -> None:
-        """Cache mode: run the snapshot over the epoch's remaining steps, one fp32 gradient per optimizer step.
+        """Cache mode: the snapshot's fp32 gradient for each of the epoch's remaining steps, from `step` on.
 
-        At the epoch's first step this is the refresh: theta~ <- theta, then mu is the mean cached gradient over the
-        full steps. The pass replays the Trainer's data order (seedable sampler, `set_epoch`), gradient-accumulation
-        grouping, loss normalisation and RNG stream, so training sees the same batches and dropout masks; on a resume
-        inside an epoch only the remaining steps are cached, with theta~ and mu from the checkpoint.
+        It runs on the batches `get_batch_samples` took for those steps, with their loss normalisation and with the
+        RNG stream training will have (restored afterwards), so each step's dropout masks are the ones its cached
+        gradient saw. At the epoch's first step this is the refresh: theta~ <- theta, and `mu` is the mean cached
+        gradient over the full steps; on a resume inside an epoch, theta~ and `mu` come from the checkpoint.
         """
         optimizer = self.svrg_optimizer
-        n = self._update_steps_per_epoch()
-        epoch, first = divmod(step, n)
-        if first == 0:
+        steps = sorted(s for s in self._epoch_steps if s >= step)
+        if not steps or steps[0] != step:
+            raise RuntimeError(f"alpha-SVRG cache mode has no batches for step {step}: they are taken in "
+                               "get_batch_samples, which this training loop did not call")
+        refresh = step % self._update_steps_per_epoch() == 0
+        if refresh:
             self._take_snapshot()
         elif optimizer.full_gradient is None:
             raise RuntimeError(f"alpha-SVRG cache mode starts at step {step}, inside an epoch, without the snapshot's "
                                "full gradient: resume from a checkpoint written by AlphaSVRGTrainerMixin")
         saved = stream = rng_state()
-        dataloader, iterator = self._replay_epoch(epoch)
-        accumulation = self.args.gradient_accumulation_steps
-        last = len(dataloader) % accumulation or accumulation
         trainer_accumulation = getattr(self, "current_gradient_accumulation_steps", None)
         total, full_steps, full_shape, self._cache = None, 0, None, {}
-        for update in range(n):
-            batches, num_items_in_batch = self.get_batch_samples(
-                iterator, accumulation if update != n - 1 else last, self.args.device)
-            if update < first:
-                continue
+        for cached_step in steps:
+            batches, num_items_in_batch = self._epoch_steps[cached_step]
             self.current_gradient_accumulation_steps = len(batches)
             set_rng_state(stream)
             gradient = self._snapshot_gradient(batches, num_items_in_batch, per_update=True)
@@ -239,16 +226,15 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
             flat = self._mean_across_processes(torch.cat([
                 (torch.zeros_like(p, dtype=torch.float32) if g is None else g).reshape(-1)
                 for p, g in zip(optimizer.snapshot_parameters, gradient)]))
-            self._cache[update] = _CachedStep(flat, [_fingerprint(batch) for batch in batches])
+            self._cache[cached_step] = flat
             shape = (len(batches), *map(_batch_size, batches))
             full_shape = full_shape or shape
-            if first == 0 and shape == full_shape:
+            if refresh and shape == full_shape:
                 total = flat.clone() if total is None else total.add_(flat)
                 full_steps += 1
         self.current_gradient_accumulation_steps = trainer_accumulation
         set_rng_state(saved)
-        self._cache_epoch = epoch
-        if first == 0:
+        if refresh:
             optimizer.set_full_gradient(_split(total / full_steps, optimizer.snapshot_gradient))
 
     def _snapshot_gradient(self, batches, num_items_in_batch, *, per_update: bool) -> list[torch.Tensor | None]:
