@@ -148,36 +148,15 @@ register(
         functional="hf_regtools.schedules:svrg_alpha_schedule",
         optimizer="hf_regtools.alpha_svrg:AlphaSVRG",
         mixin="hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-        harness={
-            "cases": {
-                "snapshot_every_2_steps": {
-                    "model": "transformers_vit",
-                    "model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                    "callbacks": [],
-                    "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-                    "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, "snapshot_every": 2}},
-                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
-                    "deterministic": True,
-                },
-                "cache_mode": {
-                    "model": "transformers_vit",
-                    "model_kwargs": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                    "callbacks": [],
-                    "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-                    "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, "mode": "cache"}},
-                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
-                    "deterministic": True,
-                },
-                "cache_mode_with_dropout": {
-                    "model": "transformers_vit",
-                    "model_kwargs": {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1},
-                    "callbacks": [],
-                    "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-                    "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, "mode": "cache"}},
-                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
-                    "deterministic": False,
-                },
-            },
-        },
+        harness={"cases": {
+            name: {"model": "transformers_vit", "callbacks": [], "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
+                   "model_kwargs": {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
+                   "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, **settings}},
+                   "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
+                   "deterministic": dropout == 0.0}
+            for name, settings, dropout in (("snapshot_every_2_steps", {"snapshot_every": 2}, 0.0),
+                                            ("cache_mode", {"mode": "cache"}, 0.0),
+                                            ("cache_mode_with_dropout", {"mode": "cache"}, 0.1))
+        }},
     )
 )
