@@ -162,7 +162,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         saved = rng_state()
         totals = [torch.zeros_like(p, dtype=torch.float32) for p in optimizer.parameters()]
         batches, full_size = 0, None
-        for batch in self._replay_epoch(self.state.global_step // self._update_steps_per_epoch())[1]:
+        for batch in self._epoch_batches(self.state.global_step // self._update_steps_per_epoch()):
             size = _batch_size(batch)
             full_size = full_size or size
             if size < full_size:
@@ -268,8 +268,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         scaler = getattr(self.accelerator, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
-    def _replay_epoch(self, epoch: int):
-        """The train dataloader and a fresh iterator over it in the order the Trainer uses for `epoch`."""
+    def _epoch_batches(self, epoch: int):
+        """A fresh iterator over the train data, in the order the Trainer uses for `epoch`."""
         if self._replay_dataloader is None:
             self._replay_dataloader = self.get_train_dataloader()
         dataloader = self._replay_dataloader
@@ -278,7 +278,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         sampler = getattr(getattr(dataloader, "batch_sampler", None), "batch_sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        return dataloader, iter(dataloader)
+        return iter(dataloader)
 
     def _snapshot_loss(self, inputs, num_items_in_batch, *, per_update: bool) -> torch.Tensor:
         device = next(self.snapshot_model.parameters()).device
