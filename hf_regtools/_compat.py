@@ -126,3 +126,23 @@ def hub_uploads_need_global_endpoint() -> bool:
     from huggingface_hub.hf_api import CommitInfo
 
     return "_endpoint" not in CommitInfo.__dataclass_fields__
+
+
+@functools.cache
+def hub_client_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...],
+                                 tuple[type[BaseException], ...]]:
+    """`(http, connection, timeout)` error classes of the HTTP client `huggingface_hub` is built on.
+
+    huggingface_hub 0.x uses `requests` (its `ConnectionError` and `Timeout`, raised unwrapped, and a plain
+    `requests.HTTPError` from e.g. `whoami`); 1.x and later use httpx (`TransportError` subclasses). Connection and
+    timeout errors include the built-in `ConnectionError` and `TimeoutError`.
+    """
+    from huggingface_hub.errors import HfHubHTTPError
+
+    http = next(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
+    client = sys.modules[http.__module__.partition(".")[0]]
+    if hasattr(client, "TransportError"):  # httpx (huggingface_hub >= 1)
+        connection, timeout = (client.NetworkError, client.ProxyError), (client.TimeoutException,)
+    else:  # requests (huggingface_hub 0.x)
+        connection, timeout = (client.exceptions.ConnectionError,), (client.exceptions.Timeout,)
+    return (http,), (*connection, ConnectionError), (*timeout, TimeoutError)

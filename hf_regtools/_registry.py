@@ -24,6 +24,7 @@ class TechniqueInfo:
         code_repo (`str`): official code repository (`owner/name`), or `""`.
         functional (`str`): functional core, as `"module:attribute"`.
         callback (`str`, *optional*): `TrainerCallback` class, as `"module:attribute"`.
+        callbacks (`tuple[str, ...]`): the technique's other `TrainerCallback` classes (e.g. presets of `callback`).
         optimizer (`str`, *optional*): optimizer class.
         mixin (`str`, *optional*): Trainer mixin class.
         cli_command (`str`, *optional*): `hf-regtools` sub-command.
@@ -39,6 +40,7 @@ class TechniqueInfo:
     code_repo: str
     functional: str
     callback: str | None = None
+    callbacks: tuple[str, ...] = ()
     optimizer: str | None = None
     mixin: str | None = None
     cli_command: str | None = None
@@ -117,6 +119,9 @@ register(
         code_repo="facebookresearch/dropout",
         functional="hf_regtools.dropout_schedules:DropRateController",
         callback="hf_regtools.dropout_schedules:DropScheduleCallback",
+        callbacks=tuple(f"hf_regtools.dropout_schedules:{name}" for name in (
+            "EarlyDropoutCallback", "LateDropoutCallback", "EarlyStochasticDepthCallback",
+            "LateStochasticDepthCallback")),
         harness={
             "cases": {
                 "early_dropout": {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
@@ -23,9 +24,13 @@ from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    LocalTokenNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+
+from ._compat import hub_client_errors
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
 CONFIG_PATTERNS = ("config.json", "*.md")
@@ -78,15 +83,17 @@ def parse_reference(reference: str, revision: str | None = None) -> tuple[str, s
 
 @contextmanager
 def hub_errors(action: str, repo_id: str | None = None, *, write: bool = False):
-    """Translate `huggingface_hub` errors into `HubError`s that say what to do."""
+    """Translate `huggingface_hub` errors (HTTP, offline mode, connection, timeout) into `HubError`s that say what to do."""
+    http, connection, timeout = hub_client_errors()
     try:
         yield
-    except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+    except (HfHubHTTPError, LocalEntryNotFoundError, LocalTokenNotFoundError, *http, *connection, *timeout) as error:
         what = f"{action} {repo_id!r}" if repo_id else action
         raise HubError(f"{what}: {_explain(error, write)}") from error
 
 
 def _explain(error: Exception, write: bool) -> str:
+    http, connection, timeout = hub_client_errors()
     if isinstance(error, LocalEntryNotFoundError):
         cause = error.__cause__ or error.__context__
         if isinstance(cause, HfHubHTTPError):
@@ -95,6 +102,16 @@ def _explain(error: Exception, write: bool) -> str:
             return ("not in the local cache and HF_HUB_OFFLINE=1 is set. Download it once online, or pass a local "
                     "folder")
         return "not in the local cache and the Hub cannot be reached. Check the network, or pass a local folder"
+    if isinstance(error, OfflineModeIsEnabled):
+        return "offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to reach the Hub"
+    if isinstance(error, LocalTokenNotFoundError):
+        return "not logged in. Log in with `hf auth login` or set HF_TOKEN to a token with write access"
+    if isinstance(error, timeout):
+        return (f"the Hub at {huggingface_hub.constants.ENDPOINT} did not answer in time ({_network_reason(error)}); "
+                "check the network and try again")
+    if isinstance(error, connection):
+        return (f"cannot reach the Hub at {huggingface_hub.constants.ENDPOINT} ({_network_reason(error)}); check the "
+                "network, a proxy or HF_ENDPOINT, and try again")
     if isinstance(error, GatedRepoError):
         return "the repo is gated; accept its terms on the Hub and log in (`hf auth login`)"
     if isinstance(error, RepositoryNotFoundError):
@@ -104,13 +121,25 @@ def _explain(error: Exception, write: bool) -> str:
         return "revision not found; check the branch, tag or commit"
     if isinstance(error, EntryNotFoundError):
         return f"a required file is missing from the repo ({_server_message(error)})"
-    status = getattr(error.response, "status_code", None)
+    status = getattr(getattr(error, "response", None), "status_code", None)
     if status in (401, 403):
         access = "write access to this namespace" if write else "access to this repo"
         return f"not authorized (HTTP {status}). Log in with `hf auth login` or set HF_TOKEN to a token with {access}"
     if status is not None and status >= 500:
         return f"the Hub answered with a server error (HTTP {status}); try again later"
+    if status is None:
+        return f"the request failed ({_network_reason(error)}); check the network and try again"
     return f"HTTP {status}: {_server_message(error)}"
+
+
+def _network_reason(error: BaseException) -> str:
+    """A short cause, e.g. `"Connection refused"`, instead of the client's nested retry messages."""
+    text = str(error)
+    found = re.search(r"\[Errno -?\d+\] ([^\"')(]+)", text)
+    if found:
+        return found[1].strip().rstrip(".:")
+    first_line = text.splitlines()[0].strip() if text.strip() else ""
+    return first_line[:200] or type(error).__name__
 
 
 def _server_message(error: Exception) -> str:
@@ -214,14 +243,46 @@ def build_model_card(template: str, *, card_data: dict[str, Any], **fields: Any)
     return ModelCard.from_template(data, template_path=str(model_card_template(template)), **fields)
 
 
+def push_target(repo_id: str, *, token: str | None = None) -> str:
+    """Check, before any work, that `repo_id` can be pushed to; returns the namespaced id (`org/name`).
+
+    Refuses offline mode, validates the id, and asks the Hub who the token belongs to (`HfApi.whoami`): this checks
+    the token and the connection, and a bare `name` goes to the user's own namespace, as in `huggingface_hub`.
+
+    Raises:
+        `HubError`: offline mode, an invalid id, no or an invalid or read-only token, or the Hub cannot be reached.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise HubError(f"cannot push to {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to "
+                       "push, or drop the push and upload the output later with `hf upload`")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise HubError(f"cannot push to {repo_id!r}: not a valid repo id ('org/name' or 'name'): {error}") from error
+    api = HfApi(endpoint=huggingface_hub.constants.ENDPOINT, token=token)
+    with hub_errors("cannot push to", repo_id, write=True):
+        user = api.whoami()
+    access = (user.get("auth") or {}).get("accessToken") or {}
+    if access.get("role") == "read":
+        raise HubError(f"cannot push to {repo_id!r}: the token {access.get('displayName', '')!r} is read-only. Log in "
+                       "with `hf auth login` or set HF_TOKEN to a token with write access")
+    return repo_id if "/" in repo_id else f"{user['name']}/{repo_id}"
+
+
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
                 commit_message: str = "Upload with hf_regtools", revision: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` as one commit; returns the commit sha.
 
-    The token defaults to the usual HF environment / login; it is never printed or stored by us.
+    A bare `name` goes to the token owner's namespace (see `push_target`). The token defaults to the usual HF
+    environment / login; it is never printed or stored by us.
+
+    Raises:
+        `HubError`: the push failed (HTTP error, offline mode, no connection, timeout); the message says what to do.
     """
-    if repo_id.count("/") != 1:
-        raise ValueError(f"repo id {repo_id!r} must be namespaced as 'org/name'")
+    if "/" not in repo_id:
+        repo_id = push_target(repo_id, token=token)
     api = HfApi(endpoint=huggingface_hub.constants.ENDPOINT, token=token)
     with hub_errors("cannot push to", repo_id, write=True):
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class UnsupportedModelError(ValueError):
@@ -162,6 +164,8 @@ def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str =
         `UnsupportedModelError`: no or several families match, or `technique` does not support the family; the
             message lists the supported ones.
     """
+    import torch
+
     keys = list(model_or_keys.state_dict() if isinstance(model_or_keys, torch.nn.Module) else model_or_keys)
     found = [family for family in FAMILIES if family.matches(keys)]
     supported = ", ".join(supported_families(technique))

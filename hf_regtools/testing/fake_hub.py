@@ -4,7 +4,7 @@
 (`create_repo`, `upload_folder`, `hf_hub_download`, `snapshot_download`, `ModelCard.load`), transformers
 `from_pretrained` and timm `create_model("hf-hub:...")` use. The real clients talk to it when `HF_ENDPOINT` is set to
 [`FakeHub.url`] *before* `huggingface_hub` is first imported; also set `HF_HUB_DISABLE_XET=1` (plain HTTP transfers)
-and use namespaced repo ids (`org/name`, so the client never calls `whoami`).
+and a token (`HF_TOKEN`, any value).
 
 ```python
 hub = FakeHub().start()
@@ -15,8 +15,16 @@ os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_fake
   endpoint. ETags and tree `oid`s are git blob SHA-1s, as for regular files on the Hub, so unchanged files are not
   re-uploaded. Model and dataset repositories are supported; Spaces and pull requests are not.
 - `create_repo` makes no initial commit (the real Hub commits a `.gitattributes`): each upload adds one commit.
+- `whoami` answers for [`FakeHub.user`] with a token of role [`FakeHub.token_role`] when the request carries a
+  token, else 401.
 - Unmatched requests get a 404 JSON error, are logged as warnings and recorded in [`FakeHub.unknown_routes`], so a
   client upgrade that adds a call fails loudly. Request headers (`Authorization` included) are never kept or logged.
+
+Run it as a server for other processes and tools (it prints its URL, then serves until SIGINT or SIGTERM):
+
+```
+python -m hf_regtools.testing.fake_hub --port 8765
+```
 """
 
 import base64
@@ -26,6 +34,7 @@ import json
 import logging
 import os
 import re
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -37,6 +46,7 @@ _API = r"/api/(?P<kind>models|datasets)/" + _REPO
 # (method, full-match path regex, handler); HEAD is served by the GET routes, without a body.
 _ROUTES = [
     ("GET", r"/api/agent-harnesses", "_agent_harnesses"),
+    ("GET", r"/api/whoami-v2", "_whoami"),
     ("POST", r"/api/repos/create", "_create_repo"),
     ("POST", r"/api/validate-yaml", "_validate_yaml"),
     ("POST", _API + r"/preupload/(?P<rev>[^/]+)", "_preupload"),
@@ -79,7 +89,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self):
         length = int(self.headers.get("Content-Length") or 0)
         try:
-            status, headers, body = self.server.hub._handle(self.command, self.path, self.rfile.read(length))
+            status, headers, body = self.server.hub._handle(self.command, self.path, self.rfile.read(length),
+                                                            authorized=bool(self.headers.get("Authorization")))
         except Exception as error:
             logger.exception("FakeHub: error while answering %s %s", self.command, self.path)
             status, headers, body = _json(500, {"error": f"FakeHub internal error: {error!r}"})
@@ -107,10 +118,15 @@ class FakeHub:
             Interface to bind to.
         port (`int`, *optional*, defaults to 0):
             Port to bind to; 0 picks a free one (read it back from [`FakeHub.url`]).
+        user (`str`, *optional*, defaults to `"fake-user"`):
+            Who `whoami` says the token belongs to: a bare repo name is pushed to this namespace.
+        token_role (`str`, *optional*, defaults to `"write"`):
+            Role of the token that `whoami` reports (`"write"`, `"read"` or `"fineGrained"`).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, user: str = "fake-user", token_role: str = "write"):
         self.host, self.port = host, port
+        self.user, self.token_role = user, token_role
         self._lock = threading.RLock()
         self._server = self._thread = self._endpoint = None
         self._repos: dict = {}
@@ -201,8 +217,8 @@ class FakeHub:
             for state in (self._repos, self._faults, self.requests, self.unknown_routes):
                 state.clear()
 
-    def _handle(self, method, raw_path, body):
-        """Answers one request with `(status, headers, body)`."""
+    def _handle(self, method, raw_path, body, *, authorized=True):
+        """Answers one request with `(status, headers, body)`; `authorized`: the request carries a token."""
         split = urlsplit(raw_path)
         path, query = split.path, parse_qs(split.query)
         with self._lock:
@@ -220,6 +236,7 @@ class FakeHub:
                 if match and route_method == ("GET" if method == "HEAD" else method):
                     args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
                     args["kind"] = _KINDS[args.get("kind")]
+                    args["authorized"] = authorized
                     try:
                         return getattr(self, handler)(body=body, query=query, **args)
                     except _HubError as error:
@@ -247,6 +264,13 @@ class FakeHub:
 
     def _agent_harnesses(self, **_):
         return _json(200, {"standardEnvVars": [], "harnesses": {}})
+
+    def _whoami(self, authorized, **_):
+        if not authorized:
+            raise _HubError(401, None, "Invalid credentials in Authorization header")
+        return _json(200, {"type": "user", "id": _git_oid(self.user.encode())[:24], "name": self.user,
+                           "fullname": self.user, "orgs": [], "auth": {"type": "access_token", "accessToken": {
+                               "displayName": "fake", "role": self.token_role}}})
 
     def _validate_yaml(self, **_):
         return _json(200, {"errors": [], "warnings": []})
@@ -336,3 +360,28 @@ class FakeHub:
             raise _HubError(404, "EntryNotFound", f"{path} does not exist on {rev}", **commit_header)
         data = files[path]
         return 200, {"Content-Type": "application/octet-stream", "ETag": f'"{_git_oid(data)}"', **commit_header}, data
+
+
+def main(argv=None) -> None:
+    """`python -m hf_regtools.testing.fake_hub`: serve a `FakeHub`, print its URL, stop on SIGINT or SIGTERM."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hf_regtools.testing.fake_hub", description=main.__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind to (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to bind to (default: 0, a free one)")
+    parser.add_argument("--user", default="fake-user", help="the namespace `whoami` reports (default: fake-user)")
+    args = parser.parse_args(argv)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    hub = FakeHub(args.host, args.port, user=args.user).start()
+    print(hub.url, flush=True)
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        hub.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .functional import QKV_MODES, SELECTION_MODES, SKIP_RULES
+SELECTION_MODES = ("uniform", "consecutive", "random")
+QKV_MODES = ("per_chunk", "fused")
+SKIP_RULES = ("classifier", "official")
 
 
 @dataclass

@@ -20,14 +20,11 @@ from typing import Literal
 import torch
 
 from ..adapters import ModelFamily, UnsupportedModelError, detect_family
+from .config import QKV_MODES, SELECTION_MODES, SKIP_RULES
 
 SelectionMode = Literal["uniform", "consecutive", "random"]
 QKVMode = Literal["per_chunk", "fused"]
 SkipRule = Literal["classifier", "official"] | Callable[[str], bool]
-
-SELECTION_MODES = ("uniform", "consecutive", "random")
-QKV_MODES = ("per_chunk", "fused")
-SKIP_RULES = ("classifier", "official")
 
 
 class WeightSelectionError(ValueError):
