@@ -142,7 +142,7 @@ def hub_client_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
     http = next(base for base in HfHubHTTPError.__mro__[1:] if base.__name__ == "HTTPError")
     client = sys.modules[http.__module__.partition(".")[0]]
     if hasattr(client, "TransportError"):  # httpx (huggingface_hub >= 1)
-        connection, timeout = (client.NetworkError, client.ProxyError), (client.TimeoutException,)
+        connection, timeout = (client.TransportError,), (client.TimeoutException,)
     else:  # requests (huggingface_hub 0.x)
         connection, timeout = (client.exceptions.ConnectionError,), (client.exceptions.Timeout,)
     return (http,), (*connection, ConnectionError), (*timeout, TimeoutError)

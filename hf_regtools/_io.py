@@ -35,7 +35,9 @@ def check_output_dir(target: str | os.PathLike, *, overwrite: bool = False) -> P
         raise OutputError(f"output {target} is a file, not a folder; choose another path")
     if target.is_dir() and not overwrite and _entries(target):
         raise FileExistsError(f"output {target} already exists and is not empty; choose another path or overwrite it")
-    existing = next(folder for folder in (target, *target.parents) if folder.is_dir())
+    existing = next(folder for folder in (target, *target.parents) if folder.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create the output {target}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write the output {target}: no write permission in {existing}")
     return target

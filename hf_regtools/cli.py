@@ -186,7 +186,7 @@ def _select(args: argparse.Namespace) -> int:
     try:
         output = check_output_dir(args.output, overwrite=args.overwrite)
     except FileExistsError as error:
-        raise CLIError(f"{error} (pass --overwrite to replace its content)") from error
+        raise _output_exists(args.output) from error
     push_id = None
     if args.push_to_hub:
         from .hub import push_target
@@ -204,7 +204,7 @@ def _select(args: argparse.Namespace) -> int:
     try:
         result.save(output, overwrite=args.overwrite, **card_options)
     except FileExistsError as error:
-        raise CLIError(f"{error} (pass --overwrite to replace its content)") from error
+        raise _output_exists(output) from error
     print(result.report)
     print(f"saved to {output}")
     if push_id:
@@ -216,6 +216,11 @@ def _select(args: argparse.Namespace) -> int:
                            f"with `hf upload {push_id} {output}`") from error
         print(f"pushed to {push_id} (commit {sha})")
     return 0
+
+
+def _output_exists(output) -> CLIError:
+    return CLIError(f"output {output} already exists and is not empty; choose another --output, or pass --overwrite "
+                    "to replace its content")
 
 
 if __name__ == "__main__":

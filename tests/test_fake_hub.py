@@ -7,6 +7,10 @@ uses its own `org/<random>` repository so that tests stay independent without re
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -278,3 +282,44 @@ def test_server_contract_on_private_instance(monkeypatch):
         assert hub.requests == [] and hub.unknown_routes == []
         with pytest.raises(KeyError):
             hub.commits(repo_id, repo_type="dataset")
+
+
+def test_whoami_and_dropped_connections(fake_hub):
+    from hf_regtools._compat import hub_client_errors
+
+    assert HfApi().whoami()["name"] == fake_hub.user
+    status, _, body = _request(f"{fake_hub.url}/api/whoami-v2")
+    assert status == 401 and "Invalid credentials" in json.loads(body)["error"]
+    fake_hub.add_fault("GET", r"^/api/whoami-v2$", None, times=1)
+    _, connection, _ = hub_client_errors()
+    with pytest.raises(connection):
+        HfApi().whoami()
+    assert HfApi().whoami()["auth"]["accessToken"]["role"] == "write"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_module_serves_until_stopped(signum, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "hf_regtools.testing.fake_hub", "--port", str(port),
+                               "--user", "alice"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}"
+        api = HfApi(endpoint=url, token="hf_fake")
+        assert api.whoami()["name"] == "alice"
+        repo_id = _repo_id()
+        api.create_repo(repo_id)
+        with monkeypatch.context() as patch:
+            if hub_uploads_need_global_endpoint():
+                patch.setattr(constants, "ENDPOINT", url)
+            api.upload_file(path_or_fileobj=b"served", path_in_repo="a.txt", repo_id=repo_id)
+        with open(hf_hub_download(repo_id, "a.txt", endpoint=url), "rb") as f:
+            assert f.read() == b"served"
+    finally:
+        server.send_signal(signum)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0 and "Traceback" not in err, err
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=5)

@@ -189,3 +189,46 @@ def test_pull_errors_and_student_config_from_the_hub(tmp_path, teachers, fake_hu
             resolve_model(other)
         assert "write access" not in str(raised.value)
         fake_hub.clear_faults()
+
+
+def test_push_errors_without_http_status(tmp_path, teachers, fake_hub, monkeypatch):
+    from hf_regtools._compat import hub_client_errors
+    from hf_regtools.hub import hub_errors, push_target
+
+    _, folders = teachers
+    with hub_offline():
+        for push in (lambda: push_target(repo()), lambda: push_folder(folders["timm"], repo())):
+            with pytest.raises(HubError, match=re.escape("offline mode is on (HF_HUB_OFFLINE=1)")):
+                push()
+    with monkeypatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+        for push in (lambda: push_target(repo()), lambda: push_folder(folders["timm"], repo())):
+            with pytest.raises(HubError, match=re.escape("cannot reach the Hub at http://127.0.0.1:9 (Connection "
+                                                         "refused)")):
+                push()
+    _, _, timeouts = hub_client_errors()
+    for timeout in {timeouts[0], TimeoutError}:
+        with pytest.raises(HubError, match=r"cannot push to 'org/x': the Hub at .* did not answer in time \(timed out"):
+            with hub_errors("cannot push to", "org/x", write=True):
+                raise timeout("timed out")
+    fake_hub.add_fault("POST", r"/api/repos/create", None)
+    with pytest.raises(HubError, match="cannot reach the Hub"):
+        push_folder(folders["timm"], repo())
+    fake_hub.clear_faults()
+
+
+def test_push_target_checks_the_token_and_resolves_the_namespace(fake_hub, monkeypatch):
+    from hf_regtools.hub import push_target
+
+    assert push_target("org/name") == "org/name"
+    assert push_target("name") == f"{fake_hub.user}/name"
+    fake_hub.add_fault("GET", r"^/api/whoami-v2$", 401, message="Invalid credentials in Authorization header")
+    with pytest.raises(HubError, match=re.escape("not authorized (HTTP 401)") + ".*write access"):
+        push_target("org/name")
+    fake_hub.clear_faults()
+    monkeypatch.setattr(fake_hub, "token_role", "read")
+    with pytest.raises(HubError, match="is read-only"):
+        push_target("org/name")
+    monkeypatch.undo()
+    with pytest.raises(HubError, match="not a valid repo id"):
+        push_target("org/x/y")

@@ -79,6 +79,9 @@ def _json(status, payload, **headers):
     return status, {"Content-Type": "application/json", **headers}, json.dumps(payload).encode()
 
 
+_DISCONNECT = object()  # answer of a `disconnect` fault: close the connection without a response
+
+
 def _git_oid(data):
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -89,11 +92,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self):
         length = int(self.headers.get("Content-Length") or 0)
         try:
-            status, headers, body = self.server.hub._handle(self.command, self.path, self.rfile.read(length),
-                                                            authorized=bool(self.headers.get("Authorization")))
+            answer = self.server.hub._handle(self.command, self.path, self.rfile.read(length),
+                                             authorized=bool(self.headers.get("Authorization")))
         except Exception as error:
             logger.exception("FakeHub: error while answering %s %s", self.command, self.path)
-            status, headers, body = _json(500, {"error": f"FakeHub internal error: {error!r}"})
+            answer = _json(500, {"error": f"FakeHub internal error: {error!r}"})
+        if answer is _DISCONNECT:
+            self.close_connection = True
+            return
+        status, headers, body = answer
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
@@ -172,7 +179,7 @@ class FakeHub:
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def add_fault(self, method: str, path_regex: str, status: int, *, error_code: str | None = None,
+    def add_fault(self, method: str, path_regex: str, status: int | None, *, error_code: str | None = None,
                   message: str = "injected fault", times: int | None = None) -> None:
         """Makes the next matching requests fail, before any routing (the request is still recorded).
 
@@ -181,8 +188,9 @@ class FakeHub:
                 HTTP method, compared case-insensitively; `"*"` matches any method.
             path_regex (`str`):
                 Pattern searched (`re.search`) in the URL path, as sent (percent-encoded, without query string).
-            status (`int`):
-                Status code to answer, with JSON body `{"error": message}`.
+            status (`int`, *optional*):
+                Status code to answer, with JSON body `{"error": message}`; `None` closes the connection without an
+                answer (the client sees a network error, as when a proxy or the server drops the connection).
             error_code (`str`, *optional*):
                 Value of the `X-Error-Code` header (e.g. `"RepoNotFound"`, `"EntryNotFound"`, `"GatedRepo"`).
             message (`str`, *optional*, defaults to `"injected fault"`):
@@ -230,6 +238,8 @@ class FakeHub:
                         fault[5] -= 1
                         if fault[5] <= 0:
                             self._faults.remove(fault)
+                    if status is None:
+                        return _DISCONNECT
                     return _json(status, {"error": message}, **({"X-Error-Code": code} if code else {}))
             for route_method, pattern, handler in _ROUTES:
                 match = re.fullmatch(pattern, path)
