@@ -105,7 +105,8 @@ def _explain(error: Exception, write: bool) -> str:
     if isinstance(error, OfflineModeIsEnabled):
         return "offline mode is on (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE to reach the Hub"
     if isinstance(error, LocalTokenNotFoundError):
-        return "not logged in. Log in with `hf auth login` or set HF_TOKEN to a token with write access"
+        access = "write access" if write else "access to this repo"
+        return f"not logged in. Log in with `hf auth login` or set HF_TOKEN to a token with {access}"
     if isinstance(error, timeout):
         return (f"the Hub at {huggingface_hub.constants.ENDPOINT} did not answer in time ({_network_reason(error)}); "
                 "check the network and try again")

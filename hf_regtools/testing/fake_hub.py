@@ -376,7 +376,10 @@ def main(argv=None) -> None:
     """`python -m hf_regtools.testing.fake_hub`: serve a `FakeHub`, print its URL, stop on SIGINT or SIGTERM."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hf_regtools.testing.fake_hub", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_regtools.testing.fake_hub",
+        description="Serve an in-memory fake of the Hugging Face Hub: print its URL, then serve until SIGINT (Ctrl-C) "
+                    "or SIGTERM. Point clients at it with HF_ENDPOINT=<url> HF_HUB_DISABLE_XET=1 HF_TOKEN=<any>.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind to (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind to (default: 0, a free one)")
     parser.add_argument("--user", default="fake-user", help="the namespace `whoami` reports (default: fake-user)")
