@@ -52,8 +52,8 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     folder inside it, whose entries are moved in at the end (with `overwrite`, the old entries are moved out and
     deleted only once the new ones are in). On any error, `KeyboardInterrupt` included, staging is removed and an
     existing `target` keeps its old content. Folders and files get the usual permissions (those of `mkdir` and `open`
-under the umask), also files a library wrote owner-only (safetensors writes 0600).
-    Staging names carry the process id, so later calls remove those of dead processes.
+    under the umask), also files a library wrote owner-only (safetensors writes 0600). Staging names carry the process
+    id, so later calls remove those of dead processes.
 
     Raises:
         `FileExistsError`: `target` is a non-empty folder and `overwrite` is False.
@@ -150,7 +150,8 @@ def _rename(source: Path, destination: Path) -> None:
     try:
         os.replace(source, destination)
     except OSError as error:
-        raise OutputError(f"cannot move {source.name} into the output {destination.parent}: {_reason(error)}") from error
+        raise OutputError(f"cannot move {source.name} into the output {destination.parent}: "
+                          f"{_reason(error)}") from error
 
 
 def _apply_umask(folder: Path) -> None:

@@ -83,7 +83,8 @@ def parse_reference(reference: str, revision: str | None = None) -> tuple[str, s
 
 @contextmanager
 def hub_errors(action: str, repo_id: str | None = None, *, write: bool = False):
-    """Translate `huggingface_hub` errors (HTTP, offline mode, connection, timeout) into `HubError`s that say what to do."""
+    """Translate `huggingface_hub` errors (HTTP, offline mode, no connection, timeout) into `HubError`s that say what
+    to do."""
     http, connection, timeout = hub_client_errors()
     try:
         yield
@@ -93,7 +94,7 @@ def hub_errors(action: str, repo_id: str | None = None, *, write: bool = False):
 
 
 def _explain(error: Exception, write: bool) -> str:
-    http, connection, timeout = hub_client_errors()
+    _, connection, timeout = hub_client_errors()
     if isinstance(error, LocalEntryNotFoundError):
         cause = error.__cause__ or error.__context__
         if isinstance(cause, HfHubHTTPError):
@@ -267,8 +268,8 @@ def push_target(repo_id: str, *, token: str | None = None) -> str:
         user = api.whoami()
     access = (user.get("auth") or {}).get("accessToken") or {}
     if access.get("role") == "read":
-        raise HubError(f"cannot push to {repo_id!r}: the token {access.get('displayName', '')!r} is read-only. Log in "
-                       "with `hf auth login` or set HF_TOKEN to a token with write access")
+        raise HubError(f"cannot push to {repo_id!r}: the token is read-only. Log in with `hf auth login` or set "
+                       "HF_TOKEN to a token with write access")
     return repo_id if "/" in repo_id else f"{user['name']}/{repo_id}"
 
 

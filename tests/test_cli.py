@@ -67,13 +67,13 @@ def select(teacher, output, *extra):
 
 
 def test_parser_and_list_import_neither_torch_nor_model_libraries():
-    code = ("import sys\nfrom hf_regtools.cli import _parser, main\n_parser().format_help()\nmain(['list'])\n"
-            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'timm', 'huggingface_hub') if m in sys.modules))")
+    heavy = "print('HEAVY', [m for m in ('torch', 'transformers', 'timm', 'huggingface_hub') if m in sys.modules])"
+    code = f"import sys\nfrom hf_regtools.cli import _parser, main\n_parser().format_help()\nmain(['list'])\n{heavy}"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "HEAVY []"
     for argv in (["--help"], ["select", "--help"], ["--version"]):
-        code = (f"import sys\nfrom hf_regtools.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
-                "print('HEAVY', [m for m in ('torch', 'transformers', 'timm') if m in sys.modules])")
+        code = f"import sys\nfrom hf_regtools.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        code += heavy
         assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout.splitlines()[-1] == "HEAVY []"
 
@@ -132,7 +132,8 @@ def test_checks_before_the_work(tmp_path, teacher, fake_hub, hub_env, cli):
     no_token = {**hub_env, "HF_TOKEN": ""}
     runs = [
         (hub_env, select(absent_teacher, full, "--push-to-hub", repo()), "pass --overwrite to replace its content"),
-        (offline, select(absent_teacher, tmp_path / "off", "--push-to-hub", repo()), "offline mode is on (HF_HUB_OFFLINE=1)"),
+        (offline, select(absent_teacher, tmp_path / "off", "--push-to-hub", repo()),
+         "offline mode is on (HF_HUB_OFFLINE=1)"),
         (unreachable, select(absent_teacher, tmp_path / "down", "--push-to-hub", repo()),
          "cannot reach the Hub at http://127.0.0.1:9 (Connection refused)"),
         (no_token, select(absent_teacher, tmp_path / "anon", "--push-to-hub", repo()), "not logged in"),

@@ -79,7 +79,7 @@ def _json(status, payload, **headers):
     return status, {"Content-Type": "application/json", **headers}, json.dumps(payload).encode()
 
 
-_DISCONNECT = object()  # answer of a `disconnect` fault: close the connection without a response
+_DISCONNECT = object()  # the answer to a fault without status: close the connection, send nothing
 
 
 def _git_oid(data):
