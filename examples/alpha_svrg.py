@@ -46,6 +46,8 @@ class ExampleArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
 
     def svrg_config(self) -> AlphaSVRGConfig:
+        if not (self.snapshot_every == "epoch" or self.snapshot_every.isdigit()):
+            raise ValueError(f"--snapshot_every must be 'epoch' or a number of steps, got {self.snapshot_every!r}")
         every = self.snapshot_every if self.snapshot_every == "epoch" else int(self.snapshot_every)
         return AlphaSVRGConfig(alpha0=self.alpha0, kind=self.alpha_schedule, mode=self.svrg_mode,
                                snapshot_every=every)
@@ -59,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ExampleArguments, TrainingArguments), description=__doc__.splitlines()[0])
     parser.set_defaults(**{**trainer_defaults("outputs/alpha_svrg"), "num_train_epochs": 10, "learning_rate": 2e-3})
     example, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        svrg_config = example.svrg_config()
+    except ValueError as error:
+        parser.error(str(error))
     set_seed(training_args.seed)
 
     model, image_size, channels = build_model(example.model)
     train = digits("train", image_size=image_size, channels=channels, limit=example.max_train_samples)
     test = digits("test", image_size=image_size, channels=channels, limit=example.max_eval_samples)
     trainer = DigitsSVRGTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
-                                compute_metrics=accuracy, alpha_svrg=example.svrg_config())
+                                compute_metrics=accuracy, alpha_svrg=svrg_config)
     train_and_evaluate(trainer, training_args, **({} if example.model in MODELS else {"finetuned_from": example.model}))
 
 

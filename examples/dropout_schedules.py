@@ -27,7 +27,7 @@ from _digits import MODEL_HELP, MODELS, accuracy, build_model, digits, train_and
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_regtools import (EarlyDropoutCallback, EarlyStochasticDepthCallback, LateDropoutCallback,
-                         LateStochasticDepthCallback, RegtoolsTrainerMixin)
+                         LateStochasticDepthCallback, RegtoolsTrainerMixin, UnsupportedModelError)
 
 TECHNIQUES = {  # the rate of the official recipes: ViT-T early dropout and early s.d., ViT-B late s.d.
     "early-dropout": (EarlyDropoutCallback, 0.1),
@@ -64,10 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     train = digits("train", image_size=image_size, channels=channels, limit=example.max_train_samples)
     test = digits("test", image_size=image_size, channels=channels, limit=example.max_eval_samples)
     callback_class, official_rate = TECHNIQUES[example.technique]
-    callback = callback_class(p=official_rate if example.rate is None else example.rate,
-                              cutoff_fraction=example.cutoff_fraction)
-    trainer = DigitsTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
-                            compute_metrics=accuracy, callbacks=[callback])
+    try:
+        callback = callback_class(p=official_rate if example.rate is None else example.rate,
+                                  cutoff_fraction=example.cutoff_fraction)
+        trainer = DigitsTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=test,
+                                compute_metrics=accuracy, callbacks=[callback])
+    except UnsupportedModelError as error:  # e.g. stochastic depth on a transformers ViT, which has none
+        parser.error(f"--technique {example.technique} does not apply to --model {example.model}: {error}")
+    except ValueError as error:
+        parser.error(str(error))
     train_and_evaluate(trainer, training_args, **({} if example.model in MODELS else {"finetuned_from": example.model}))
 
 

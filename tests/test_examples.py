@@ -39,7 +39,7 @@ def repo(name):
     return f"org/{name}-{uuid.uuid4().hex[:8]}"
 
 
-def run_example(script, args, env, tmp_path, *, torchrun_processes=None):
+def run_example(script, args, env, tmp_path, *, torchrun_processes=None, returncode=0):
     bootstrap = tmp_path / "bootstrap.py"
     bootstrap.write_text(BOOTSTRAP)
     launcher = [sys.executable] if torchrun_processes is None else [
@@ -47,7 +47,7 @@ def run_example(script, args, env, tmp_path, *, torchrun_processes=None):
     env = {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
     proc = subprocess.run([*launcher, str(bootstrap), str(EXAMPLES / script), *map(str, args)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == returncode, f"{script} ended (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
 
@@ -140,6 +140,14 @@ def test_dropout_example_late_stochastic_depth_on_a_timm_model(tmp_path, hub_env
 
     trained = TimmWrapperForImageClassification.from_pretrained(out)
     assert type(trained.timm_model).__name__ == "VisionTransformer" and trained.config.num_labels == 10
+
+
+def test_dropout_example_rejects_a_technique_the_model_lacks_before_training(tmp_path, hub_env):
+    proc = run_example("dropout_schedules.py", ["--model", "transformers-vit", "--technique", "early-stochastic-depth",
+                                                "--output_dir", tmp_path / "run"], hub_env, tmp_path, returncode=2)
+    assert ("--technique early-stochastic-depth does not apply to --model transformers-vit: transformers vit has no "
+            "stochastic depth") in proc.stderr and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "run").glob("*.safetensors"))
 
 
 @pytest.mark.multiprocess
