@@ -1,6 +1,11 @@
 """hf_regtools: research techniques for initializing, optimizing and regularizing networks, for the HF stack.
 
-Importing `hf_regtools` is cheap: it imports neither transformers nor timm. Public names resolve lazily.
+Importing `hf_regtools` is cheap: it imports neither torch, transformers nor timm. The public names of every technique
+and of the shared layers resolve lazily, as transformers' do:
+
+```py
+from hf_regtools import AlphaSVRGTrainerMixin, EarlyDropoutCallback, RegtoolsTrainerMixin, initialize_student
+```
 """
 
 from importlib import import_module
@@ -8,24 +13,59 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "TECHNIQUES": "hf_regtools._registry",
-    "TechniqueInfo": "hf_regtools._registry",
-    "get_technique": "hf_regtools._registry",
-    "list_techniques": "hf_regtools._registry",
-    "select_weights": "hf_regtools.weight_selection",
-    "initialize_student": "hf_regtools.weight_selection",
-    "SelectionReport": "hf_regtools.weight_selection",
+_EXPORTS = {
+    "hf_regtools._registry": ("TECHNIQUES", "TechniqueInfo", "get_technique", "list_techniques"),
+    "hf_regtools.trainer": ("RegtoolsTrainerMixin", "TechniqueMetricsCallback"),
+    "hf_regtools.hub": ("HubError", "ResolvedModel", "TechniqueUse", "add_techniques_to_card", "load_model",
+                        "push_folder", "resolve_model"),
+    "hf_regtools.adapters": ("StudentShape", "UnsupportedModelError", "detect_family", "save_model"),
+    "hf_regtools.checkpoint": ("CheckpointError", "CheckpointReader"),
+    "hf_regtools.schedules": ("drop_schedule", "drop_schedule_array", "svrg_alpha_schedule"),
+    "hf_regtools.surgery": ("replace_modules",),
+    "hf_regtools.optim": ("PaperWeightDecayMixin", "param_groups_weight_decay"),
+    "hf_regtools.weight_selection": ("IndexPlan", "SelectedStudent", "SelectionReport", "WeightSelectionConfig",
+                                     "WeightSelectionError", "consecutive_indices", "initialize_student", "model_card",
+                                     "random_indices", "save_student", "select_tensor", "select_weights",
+                                     "uniform_indices"),
+    "hf_regtools.alpha_svrg": ("AlphaSVRG", "AlphaSVRGConfig", "AlphaSVRGTrainerMixin"),
+    "hf_regtools.dropout_schedules": ("TARGETS", "DropRateController", "DropScheduleCallback", "EarlyDropoutCallback",
+                                      "EarlyStochasticDepthCallback", "LateDropoutCallback",
+                                      "LateStochasticDepthCallback", "apply_drop_rate", "block_rates"),
+    "hf_regtools.diagnostics": ("GradientDiagnosticsCallback", "flat_gradient", "gradient_direction_error",
+                                "gradient_direction_variance", "gradient_variance_metrics", "plot_diagnostics"),
 }
+_LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from ._registry import TECHNIQUES, TechniqueInfo, get_technique, list_techniques
-    from .weight_selection import SelectionReport, initialize_student, select_weights
+    from .adapters import StudentShape, UnsupportedModelError, detect_family, save_model
+    from .alpha_svrg import AlphaSVRG, AlphaSVRGConfig, AlphaSVRGTrainerMixin
+    from .checkpoint import CheckpointError, CheckpointReader
+    from .diagnostics import (GradientDiagnosticsCallback, flat_gradient, gradient_direction_error,
+                              gradient_direction_variance, gradient_variance_metrics, plot_diagnostics)
+    from .dropout_schedules import (TARGETS, DropRateController, DropScheduleCallback, EarlyDropoutCallback,
+                                    EarlyStochasticDepthCallback, LateDropoutCallback, LateStochasticDepthCallback,
+                                    apply_drop_rate, block_rates)
+    from .hub import (HubError, ResolvedModel, TechniqueUse, add_techniques_to_card, load_model, push_folder,
+                      resolve_model)
+    from .optim import PaperWeightDecayMixin, param_groups_weight_decay
+    from .schedules import drop_schedule, drop_schedule_array, svrg_alpha_schedule
+    from .surgery import replace_modules
+    from .trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback
+    from .weight_selection import (IndexPlan, SelectedStudent, SelectionReport, WeightSelectionConfig,
+                                   WeightSelectionError, consecutive_indices, initialize_student, model_card,
+                                   random_indices, save_student, select_tensor, select_weights, uniform_indices)
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'hf_regtools' has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hf_regtools' has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})
