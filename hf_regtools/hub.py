@@ -151,7 +151,9 @@ def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, 
         timm_repo = hub_id_of(repo_id)
         if timm_repo:
             repo_id, hint = timm_repo, "timm"
-    if hint is None and not _is_repo_id(repo_id):
+    if hint is not None and not _is_repo_id(repo_id):
+        raise HubError(f"{reference!r} does not name a Hub repo: expected 'hf-hub:org/name'")
+    if not _is_repo_id(repo_id):
         suggestion = _nearby(path)
         hint_text = f" Did you mean {suggestion!r}?" if suggestion else ""
         raise HubError(f"no folder {reference!r} exists ({path.absolute()}).{hint_text} Pass an existing folder "

@@ -1,5 +1,6 @@
 """Hub pull and push without network: a hand-filled offline cache and the loopback fake Hub (hub_testing.md)."""
 
+import json
 import os
 import re
 import uuid
@@ -235,19 +236,37 @@ def test_bad_student_is_reported_before_teacher_weights_are_fetched(tmp_path, te
     assert _teacher_weight_downloads(fake_hub, teacher_repo, start)
 
 
-def test_unsupported_families_are_named(tmp_path):
-    """Issue 7: unsupported teachers were described by their state-dict keys."""
+def _config_only_teachers(tmp_path):
+    """A timm resnet18 and a transformers BERT, as configs only: the family is known before any weight is read."""
     from transformers import BertConfig
 
-    import timm
-
-    timm_folder = tmp_path / "resnet"
-    timm_folder.mkdir()
-    timm.models.save_for_hf(timm.create_model("resnet18", pretrained=False, num_classes=2), str(timm_folder))
-    (timm_folder / "pytorch_model.bin").unlink()  # the family is known from the config, before any weight is read
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "resnet" / "config.json").write_text(json.dumps(
+        {"architecture": "resnet18", "num_classes": 2, "pretrained_cfg": {"num_classes": 2}}))
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
         tmp_path / "bert")
-    for folder, name in ((timm_folder, "timm resnet18"), (tmp_path / "bert", "transformers bert")):
+    return {"timm resnet18": tmp_path / "resnet", "transformers bert": tmp_path / "bert"}
+
+
+def test_unsupported_families_are_named(tmp_path):
+    """Issue 7: unsupported teachers were described by their state-dict keys."""
+    for name, folder in _config_only_teachers(tmp_path).items():
         with pytest.raises(UnsupportedModelError, match=f"{name} is not a supported family for weight selection; "
                                                         "supported: timm vit, "):
             initialize_student(folder, hidden_size=8)
+
+
+def test_cli_reports_mistyped_paths_unsupported_families_and_bad_students(tmp_path, cli, hub_env):
+    teachers = _config_only_teachers(tmp_path)
+    save_model(timm_vit(), tmp_path / "teacher")
+    out = ["--output", str(tmp_path / "out")]
+    codes, _, err = cli([["select", str(tmp_path / "teachr"), "--student", "vit-tiny", *out],
+                         ["select", str(teachers["timm resnet18"]), "--hidden-size", "8", *out],
+                         ["select", str(teachers["transformers bert"]), "--hidden-size", "8", *out],
+                         ["select", str(tmp_path / "teacher"), "--student", "org/no-such-student", *out]], hub_env)
+    assert codes == [2, 2, 2, 2], err
+    assert f"no folder '{tmp_path / 'teachr'}' exists" in err and "Did you mean" in err
+    assert "timm resnet18 is not a supported family for weight selection" in err
+    assert "transformers bert is not a supported family for weight selection" in err
+    assert "the student 'org/no-such-student'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
