@@ -319,6 +319,7 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
         architecture=_architecture_summary(result), parameters=f"{parameters / 1e6:.2f}M",
         settings=result.config.to_dict(), loaded=len(result.report.loaded), skipped=result.report.skipped,
         paper=info.paper, arxiv=info.arxiv, code_repo=info.code_repo, repo_id=repo_id,
+        teacher_on_hub=result.teacher_on_hub,
         preprocessing=result.preprocessing, license=result.license.get("license"),
         license_source=result.license_source,
         image_processor=any(path.name == "preprocessor_config.json" for path in result.preprocessing_files),

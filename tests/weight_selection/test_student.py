@@ -181,7 +181,8 @@ def test_vit_dims_rule():
     assert vit_dims(preset, **teacher) == (192, 3, 768)
     assert vit_dims(preset.merged(StudentShape(hidden_size=128)), **teacher) == (128, 2, 512)
     assert vit_dims(preset.merged(StudentShape(num_heads=6)), **teacher) == (192, 6, 768)
-    assert vit_dims(StudentShape(hidden_size=320), teacher_width=768, teacher_heads=12, teacher_mlp=2304) == (320, 5, 960)
+    assert vit_dims(StudentShape(hidden_size=320), teacher_width=768, teacher_heads=12,
+                    teacher_mlp=2304) == (320, 5, 960)  # no preset: the teacher's head dimension and MLP ratio
     with pytest.raises(ValueError, match="not a multiple of the teacher's head dimension 64.*--num-heads"):
         vit_dims(StudentShape(hidden_size=100), **teacher)
 
@@ -265,6 +266,7 @@ def test_transformers_student_gets_the_teacher_image_processor(tmp_path, fake_hu
     card = (out / "README.md").read_text()
     assert "image processor: copied from the teacher (`preprocessor_config.json`)" in card
     assert 'AutoImageProcessor.from_pretrained("org/my-student")' in card
+    assert f"[`{teacher_repo}`](https://huggingface.co/{teacher_repo})" in card
 
 
 def test_student_with_other_inputs_does_not_get_the_teacher_preprocessing(tmp_path):
