@@ -24,13 +24,12 @@ def model_name(config: PretrainedConfig) -> str:
     return config.model_type
 
 
-INPUT_FIELDS = ("image_size", "patch_size", "num_channels")
+INPUT_FIELDS = {"image_size": "image size", "patch_size": "patch size", "num_channels": "channels"}
 
 
 def input_spec(config: PretrainedConfig) -> dict:
     """What the model's preprocessing (image processor) depends on: the config's image size, patch size, channels."""
-    return {name.replace("_", " ").replace("num ", ""): getattr(config, name) for name in INPUT_FIELDS
-            if hasattr(config, name)}
+    return {label: getattr(config, name) for name, label in INPUT_FIELDS.items() if hasattr(config, name)}
 
 
 def inherit_preprocessing(student: PretrainedConfig, teacher: PretrainedConfig) -> PretrainedConfig:
