@@ -33,7 +33,10 @@ from huggingface_hub.errors import (
 from ._compat import hub_client_errors
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-CONFIG_PATTERNS = ("config.json", "*.md")
+PREPROCESSING_FILES: dict[str, tuple[str, ...]] = {"image processor": ("preprocessor_config.json",)}
+"""Files that prepare a model's inputs, by kind: fetched with its config, copied to a student that keeps what they
+depend on (tokenizer files belong here too)."""
+CONFIG_PATTERNS = ("config.json", "*.md", *(name for files in PREPROCESSING_FILES.values() for name in files))
 LIBRARIES = ("timm", "transformers")
 
 
@@ -152,21 +155,26 @@ def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, 
                   weights: bool = True) -> ResolvedModel:
     """Resolve a local folder, a Hub repo id (`org/name`, `org/name@rev`) or a timm `hf-hub:` id to local files.
 
-    Hub files are fetched with `snapshot_download` (only the config, the card and safetensors weights, or
-    `pytorch_model.bin` when a repo has no safetensors); with `HF_HUB_OFFLINE=1` they come from the cache.
+    Hub files are fetched with `snapshot_download` (the config, the card, the preprocessing files of
+    `PREPROCESSING_FILES`, and safetensors weights, or `pytorch_model.bin` when a repo has no safetensors); with
+    `HF_HUB_OFFLINE=1` they come from the cache. A reference that can only be a path (`./x`, `/x`, `~/x`, `x/`, more
+    than one `/`) and does not exist is reported as a missing folder, without asking the Hub.
 
     Args:
         reference (`str` or `os.PathLike`): the model.
         revision (`str`, *optional*): branch, tag or commit on the Hub.
         library (`str`, *optional*): `"timm"` or `"transformers"`; detected from `config.json` by default.
-        weights (`bool`, *optional*, defaults to `True`): also fetch the weights (else the config only).
+        weights (`bool`, *optional*, defaults to `True`): also fetch the weights (else the config only; see
+            `fetch_weights`).
     """
     if library is not None and library not in LIBRARIES:
         raise ValueError(f"unknown library {library!r}; choose one of {LIBRARIES}")
-    path = Path(reference)
+    path = Path(reference).expanduser()
     if path.is_dir():
         return ResolvedModel(str(reference), path, _library_of(path, library, str(reference)))
     reference = str(reference)
+    if path.exists():
+        raise HubError(f"{reference!r} is a file; pass the folder holding config.json and the weights")
     repo_id, revision, hint = parse_reference(reference, revision)
     if hint is None and "/" not in repo_id:
         from .adapters.timm import hub_id_of
@@ -174,16 +182,68 @@ def resolve_model(reference: str | os.PathLike, *, revision: str | None = None, 
         timm_repo = hub_id_of(repo_id)
         if timm_repo:
             repo_id, hint = timm_repo, "timm"
-    if repo_id.count("/") != 1:
-        raise HubError(f"{reference!r} is neither an existing local folder nor a Hub repo id of the form 'org/name'")
-    with hub_errors("cannot fetch", repo_id):
-        patterns = [*CONFIG_PATTERNS, *WEIGHT_PATTERNS] if weights else list(CONFIG_PATTERNS)
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        if weights and not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*patterns, "pytorch_model.bin"]))
+    if hint is not None and not _is_repo_id(repo_id):
+        raise HubError(f"{reference!r} does not name a Hub repo: expected 'hf-hub:org/name'")
+    if not _is_repo_id(repo_id):
+        suggestion = _nearby(path)
+        hint_text = f" Did you mean {suggestion!r}?" if suggestion else ""
+        raise HubError(f"no folder {reference!r} exists ({path.absolute()}).{hint_text} Pass an existing folder "
+                       "holding config.json, or a Hub repo id of the form 'org/name'")
+    try:
+        with hub_errors("cannot fetch", repo_id):
+            folder = _download(repo_id, revision, weights)
+    except HubError as error:
+        could_be_folder = hint is None
+        if could_be_folder and isinstance(error.__cause__, (RepositoryNotFoundError, LocalEntryNotFoundError)):
+            suggestion = _nearby(path)
+            hint_text = f"; did you mean {suggestion!r}?" if suggestion else ""
+            raise HubError(f"{reference!r} is neither a local folder (no {path.absolute()}{hint_text}) nor a Hub repo: "
+                           f"{error}") from error.__cause__
+        raise
     if not (folder / "config.json").is_file():
         raise HubError(f"{repo_id!r} has no config.json; it is not a timm or transformers model repo")
     return ResolvedModel(reference, folder, _library_of(folder, library or hint, reference), repo_id, folder.name)
+
+
+def fetch_weights(resolved: ResolvedModel) -> ResolvedModel:
+    """`resolved` with its weights fetched too, from the same commit (a local folder is returned as it is)."""
+    if resolved.repo_id is None:
+        return resolved
+    with hub_errors("cannot fetch", resolved.repo_id):
+        folder = _download(resolved.repo_id, resolved.revision, weights=True)
+    return ResolvedModel(resolved.reference, folder, resolved.library, resolved.repo_id, folder.name)
+
+
+def _download(repo_id: str, revision: str | None, weights: bool) -> Path:
+    patterns = [*CONFIG_PATTERNS, *WEIGHT_PATTERNS] if weights else list(CONFIG_PATTERNS)
+    folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    if weights and not any(folder.glob("*.safetensors")):
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*patterns, "pytorch_model.bin"]))
+    return folder
+
+
+def _is_repo_id(reference: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if reference.count("/") != 1 or reference.startswith((".", "~")) or os.sep != "/" and os.sep in reference:
+        return False
+    try:
+        validate_repo_id(reference)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _nearby(path: Path) -> str | None:
+    """A folder next to `path` with a similar name (`./teacher` for `./teachr`), if there is one."""
+    import difflib
+
+    parent = path.absolute().parent
+    if not parent.is_dir() or not path.name:
+        return None
+    close = difflib.get_close_matches(path.name, [entry.name for entry in parent.iterdir() if entry.is_dir()], n=1)
+    return str(path.parent / close[0]) if close else None
 
 
 def _library_of(folder: Path, library: str | None, reference: str) -> str:

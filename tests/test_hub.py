@@ -1,5 +1,6 @@
 """Hub pull and push without network: a hand-filled offline cache and the loopback fake Hub (hub_testing.md)."""
 
+import json
 import os
 import re
 import uuid
@@ -11,7 +12,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, snapshot_download
 
 from hf_regtools._compat import transformers_model_key
-from hf_regtools.adapters import save_model
+from hf_regtools.adapters import UnsupportedModelError, save_model
 from hf_regtools.hub import HubError, build_model_card, load_model, push_folder, resolve_model
 from hf_regtools.testing.assertions import assert_same_weights
 from hf_regtools.testing.offline_cache import add_to_cache, hub_offline
@@ -232,3 +233,83 @@ def test_push_target_checks_the_token_and_resolves_the_namespace(fake_hub, monke
     monkeypatch.undo()
     with pytest.raises(HubError, match="not a valid repo id"):
         push_target("org/x/y")
+
+
+def test_mistyped_local_paths_say_no_such_folder(tmp_path, monkeypatch, fake_hub):
+    """Issue 7: a mistyped path was reported as "repository not found ... log in"."""
+    torch.manual_seed(0)
+    save_model(timm_vit(), tmp_path / "teacher")
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    requests_before = len(fake_hub.requests)
+    for reference in ("./teachr", "teachr/", str(tmp_path / "nope"), "~/models/x", "../nope/a/b"):
+        with pytest.raises(HubError, match=r"no folder .* exists") as raised:
+            resolve_model(reference)
+        assert "repository not found" not in str(raised.value) and "log in" not in str(raised.value)
+    assert "Did you mean 'teacher'?" in str(pytest.raises(HubError, resolve_model, "./teachr").value)
+    assert len(fake_hub.requests) == requests_before  # paths that cannot be repo ids never reach the Hub
+    with pytest.raises(HubError, match=r"'models/vit' is neither a local folder \(no .*models/vit\) nor a Hub repo: "
+                                       r"cannot fetch 'models/vit': repository not found"):
+        resolve_model("models/vit")
+    assert resolve_model("~/teacher").folder == tmp_path / "teacher"
+
+
+def _teacher_weight_downloads(fake_hub, repo_id, start):
+    return [path for method, path in fake_hub.requests[start:] if repo_id in path and path.endswith(".safetensors")]
+
+
+def test_bad_student_is_reported_before_teacher_weights_are_fetched(tmp_path, teachers, fake_hub):
+    """Issue 7: the teacher's weights were fetched first, and a bad student id did not say it was the student."""
+    _, folders = teachers
+    teacher_repo = repo("teacher")
+    push_folder(folders["timm"], teacher_repo)
+    (tmp_path / "no_config").mkdir()
+    bad = [("vit-hugee", ValueError, "unknown student preset 'vit-hugee'"),
+           ("org/no-such-student", HubError, "the student 'org/no-such-student': .*repository not found"),
+           (str(tmp_path / "no_config"), HubError, "the student .*no_config.* has no config.json"),
+           ("convnext-femto", UnsupportedModelError, "preset 'convnext-femto' is a hierarchical model")]
+    for student, error, message in bad:
+        start = len(fake_hub.requests)
+        with pytest.raises(error, match=message):
+            initialize_student(teacher_repo, student)
+        assert _teacher_weight_downloads(fake_hub, teacher_repo, start) == []
+    start = len(fake_hub.requests)
+    initialize_student(teacher_repo, hidden_size=8, depth=1)
+    assert _teacher_weight_downloads(fake_hub, teacher_repo, start)
+
+
+def _config_only_teachers(tmp_path):
+    """A timm resnet18 and a transformers BERT, as configs only: the family is known before any weight is read."""
+    from transformers import BertConfig
+
+    (tmp_path / "resnet").mkdir()
+    (tmp_path / "resnet" / "config.json").write_text(json.dumps(
+        {"architecture": "resnet18", "num_classes": 2, "pretrained_cfg": {"num_classes": 2}}))
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
+        tmp_path / "bert")
+    return {"timm resnet18": tmp_path / "resnet", "transformers bert": tmp_path / "bert"}
+
+
+def test_unsupported_families_are_named(tmp_path):
+    """Issue 7: unsupported teachers were described by their state-dict keys."""
+    for name, folder in _config_only_teachers(tmp_path).items():
+        with pytest.raises(UnsupportedModelError, match=f"{name} is not a supported family for weight selection; "
+                                                        "supported: timm vit, "):
+            initialize_student(folder, hidden_size=8)
+
+
+def test_cli_reports_mistyped_paths_unsupported_families_and_bad_students(tmp_path, cli, hub_env):
+    teachers = _config_only_teachers(tmp_path)
+    save_model(timm_vit(), tmp_path / "teacher")
+    out = ["--output", str(tmp_path / "out")]
+    codes, _, err = cli([["select", str(tmp_path / "teachr"), "--student", "vit-tiny", *out],
+                         ["select", str(teachers["timm resnet18"]), "--hidden-size", "8", *out],
+                         ["select", str(teachers["transformers bert"]), "--hidden-size", "8", *out],
+                         ["select", str(tmp_path / "teacher"), "--student", "org/no-such-student", *out]], hub_env)
+    assert codes == [2, 2, 2, 2], err
+    assert f"no folder '{tmp_path / 'teachr'}' exists" in err and "Did you mean" in err
+    assert "timm resnet18 is not a supported family for weight selection" in err
+    assert "transformers bert is not a supported family for weight selection" in err
+    assert "the student 'org/no-such-student'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -152,13 +152,15 @@ def supported_families(technique: str | None = None) -> list[str]:
 
 
 def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model",
-                  technique: str | None = None) -> ModelFamily:
+                  technique: str | None = None, name: str | None = None) -> ModelFamily:
     """The `ModelFamily` of a module or of the keys of a state dict.
 
     Args:
         model_or_keys (`nn.Module` or `Iterable[str]`): a model, or the keys of its state dict or checkpoint.
         role (`str`, *optional*, defaults to `"model"`): what the model is, for error messages (`"teacher"`, ...).
         technique (`str`, *optional*): also require that this technique supports the family.
+        name (`str`, *optional*): what the model is by name (e.g. `"timm resnet18"`, `"transformers bert"`), used in
+            the error message instead of its state-dict keys.
 
     Raises:
         `UnsupportedModelError`: no or several families match, or `technique` does not support the family; the
@@ -169,6 +171,9 @@ def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str =
     keys = list(model_or_keys.state_dict() if isinstance(model_or_keys, torch.nn.Module) else model_or_keys)
     found = [family for family in FAMILIES if family.matches(keys)]
     supported = ", ".join(supported_families(technique))
+    if len(found) != 1 and name is not None:
+        purpose = f" for {technique.replace('_', ' ')}" if technique else ""
+        raise UnsupportedModelError(f"the {role}: {name} is not a supported family{purpose}; supported: {supported}.")
     if len(found) != 1:
         sample = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
         raise UnsupportedModelError(
@@ -189,27 +194,36 @@ class StudentShape:
         hidden_size (`int` or `tuple[int, ...]`, *optional*): ViT embedding width; ConvNeXt per-stage widths (an
             `int` is the first stage's width, doubled at each stage).
         depth (`int` or `tuple[int, ...]`, *optional*): ViT block count; ConvNeXt blocks per stage.
-        num_heads (`int`, *optional*): ViT attention heads. Defaults to keeping the teacher's head dimension.
-        mlp_dim (`int`, *optional*): ViT MLP hidden width. Defaults to keeping the teacher's MLP ratio.
+        num_heads (`int`, *optional*): ViT attention heads; wins over `head_dim`.
+        mlp_dim (`int`, *optional*): ViT MLP hidden width; wins over `mlp_ratio`.
+        head_dim (`int`, *optional*): ViT head dimension, giving `num_heads = hidden_size / head_dim`. Defaults to
+            the teacher's head dimension (a preset sets its own).
+        mlp_ratio (`float`, *optional*): ViT MLP width over embedding width. Defaults to the teacher's ratio (a
+            preset sets its own).
     """
 
     hidden_size: int | tuple[int, ...] | None = None
     depth: int | tuple[int, ...] | None = None
     num_heads: int | None = None
     mlp_dim: int | None = None
+    head_dim: int | None = None
+    mlp_ratio: float | None = None
 
     def is_empty(self) -> bool:
-        return all(value is None for value in (self.hidden_size, self.depth, self.num_heads, self.mlp_dim))
+        return all(value is None for value in self.__dict__.values())
 
     def merged(self, overrides: StudentShape) -> StudentShape:
+        """These values, replaced by those `overrides` sets."""
         return StudentShape(**{name: getattr(overrides, name) if getattr(overrides, name) is not None else value
                                for name, value in self.__dict__.items()})
 
 
+# ViT presets keep the head dimension (64) and the MLP ratio (4) of their namesakes, so that a preset with a
+# hidden_size override derives heads and MLP width from them (`vit-tiny` at width 128: 2 heads, MLP 512).
 PRESETS: dict[str, tuple[str, StudentShape]] = {
-    "vit-tiny": ("isotropic", StudentShape(hidden_size=192, depth=12, num_heads=3, mlp_dim=768)),
-    "vit-small": ("isotropic", StudentShape(hidden_size=384, depth=12, num_heads=6, mlp_dim=1536)),
-    "vit-base": ("isotropic", StudentShape(hidden_size=768, depth=12, num_heads=12, mlp_dim=3072)),
+    "vit-tiny": ("isotropic", StudentShape(hidden_size=192, depth=12, head_dim=64, mlp_ratio=4.0)),
+    "vit-small": ("isotropic", StudentShape(hidden_size=384, depth=12, head_dim=64, mlp_ratio=4.0)),
+    "vit-base": ("isotropic", StudentShape(hidden_size=768, depth=12, head_dim=64, mlp_ratio=4.0)),
     "convnext-atto": ("hierarchical", StudentShape(hidden_size=(40, 80, 160, 320), depth=(2, 2, 6, 2))),
     "convnext-femto": ("hierarchical", StudentShape(hidden_size=(48, 96, 192, 384), depth=(2, 2, 6, 2))),
     "convnext-pico": ("hierarchical", StudentShape(hidden_size=(64, 128, 256, 512), depth=(2, 2, 6, 2))),
@@ -218,10 +232,16 @@ PRESETS: dict[str, tuple[str, StudentShape]] = {
 }
 
 
+def check_preset(name: str) -> None:
+    """Raise a `ValueError` listing the presets if `name` is not one."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown student preset {name!r}; available presets: {sorted(PRESETS)} (or pass a Hub id "
+                         "`org/name` or a folder holding the student's config.json)")
+
+
 def preset_shape(name: str, family: ModelFamily) -> StudentShape:
     """The `StudentShape` of a preset, checked against the teacher's family layout."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown student preset {name!r}; available presets: {sorted(PRESETS)}")
+    check_preset(name)
     layout, shape = PRESETS[name]
     if layout != family.layout:
         fitting = sorted(n for n, (lay, _) in PRESETS.items() if lay == family.layout)
@@ -234,28 +254,44 @@ def preset_shape(name: str, family: ModelFamily) -> StudentShape:
 
 def vit_dims(shape: StudentShape, *, teacher_width: int, teacher_heads: int, teacher_mlp: int
              ) -> tuple[int, int, int]:
-    """Student (width, heads, mlp width) for a ViT: heads keep the teacher's head dimension, MLP its ratio."""
+    """Student (width, heads, mlp width) for a ViT.
+
+    Explicit `num_heads` / `mlp_dim` win; else the heads keep `shape.head_dim` and the MLP `shape.mlp_ratio` (set by
+    presets), else the teacher's head dimension and MLP ratio.
+    """
     width = shape.hidden_size if shape.hidden_size is not None else teacher_width
     if not isinstance(width, int):
         raise ValueError(f"hidden_size for a ViT must be one integer, got {width!r}")
     heads = shape.num_heads
     if heads is None:
-        head_dim = teacher_width // teacher_heads
+        head_dim, whose = (shape.head_dim, "the student's") if shape.head_dim else (
+            teacher_width // teacher_heads, "the teacher's")
         if width % head_dim:
-            raise ValueError(f"hidden_size {width} is not a multiple of the teacher's head dimension {head_dim}; "
-                             "pass num_heads explicitly")
+            raise ValueError(f"hidden_size {width} is not a multiple of {whose} head dimension {head_dim}; pass the "
+                             "number of heads explicitly (--num-heads, or num_heads=)")
         heads = width // head_dim
     if width % heads:
-        raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
-    mlp = shape.mlp_dim if shape.mlp_dim is not None else teacher_mlp * width // teacher_width
+        raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}; choose a number of heads that "
+                         "divides it (--num-heads, or num_heads=)")
+    if shape.mlp_dim is not None:
+        mlp = shape.mlp_dim
+    elif shape.mlp_ratio is not None:
+        mlp = width * shape.mlp_ratio
+        if mlp != int(mlp):
+            raise ValueError(f"hidden_size {width} times the MLP ratio {shape.mlp_ratio} is not an integer; pass the "
+                             "MLP width explicitly (--mlp-dim, or mlp_dim=)")
+        mlp = int(mlp)
+    else:
+        mlp = teacher_mlp * width // teacher_width
     return width, heads, mlp
 
 
 def convnext_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teacher_depths: tuple[int, ...]
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Student (per-stage widths, per-stage depths) for a ConvNeXt."""
-    if shape.num_heads is not None or shape.mlp_dim is not None:
-        raise ValueError("num_heads and mlp_dim do not apply to ConvNeXt; use hidden_size and depth")
+    if any(value is not None for value in (shape.num_heads, shape.mlp_dim, shape.head_dim, shape.mlp_ratio)):
+        raise ValueError("num_heads, mlp_dim, head_dim and mlp_ratio do not apply to ConvNeXt; use hidden_size and "
+                         "depth")
     stages = len(teacher_widths)
     widths = shape.hidden_size if shape.hidden_size is not None else teacher_widths
     if isinstance(widths, int):

@@ -3,14 +3,16 @@ these and Swin."""
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
 from timm.models import save_for_hf
+from timm.models import PretrainedCfg
 from timm.models._hub import load_model_config_from_path
 
 from . import ModelFamily, StudentShape, convnext_dims, vit_dims
@@ -18,16 +20,42 @@ from . import ModelFamily, StudentShape, convnext_dims, vit_dims
 
 @dataclass
 class TimmModelConfig:
-    """What timm needs to rebuild a model: the registered architecture and its keyword arguments."""
+    """What timm needs to rebuild a model: the registered architecture, its keyword arguments and `pretrained_cfg`.
+
+    Attributes:
+        architecture (`str`): a registered timm model name (`timm.list_models()`).
+        model_args (`dict`): keyword arguments over the architecture's defaults.
+        num_classes (`int`, *optional*): the classifier's classes.
+        pretrained_cfg (`dict`): `pretrained_cfg` fields laid over the architecture's default one when the model is
+            built (preprocessing, license, labels); weight-source fields (`url`, `hf_hub_id`, `file`, ...) are ignored.
+    """
 
     architecture: str
     model_args: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
     def create(self, **overrides: Any) -> torch.nn.Module:
         classes = {} if self.num_classes is None else {"num_classes": self.num_classes}
         kwargs = {**self.model_args, **classes, **overrides}
-        return timm.create_model(self.architecture, pretrained=False, **kwargs)
+        overlay = {key: value for key, value in self.pretrained_cfg.items()
+                   if key in _CFG_FIELDS and (key not in _SOURCE_FIELDS or value is None)}
+        return timm.create_model(self.architecture, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+_CFG_FIELDS = {f.name for f in fields(PretrainedCfg)}
+_SOURCE_FIELDS = {"url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture"}  # clear only
+# pretrained_cfg fields that describe the pretrained weights rather than the architecture: a weight-selected student
+# inherits none of them from its builder architecture's default cfg.
+_WEIGHT_FIELDS = ("url", "file", "hf_hub_id", "hf_hub_filename", "source", "tag", "license", "description",
+                  "origin_url", "paper_name", "paper_ids", "notes", "label_names", "label_descriptions", "label_offset")
+# pretrained_cfg fields that say how to prepare the inputs (timm.data.resolve_data_config reads them).
+DATA_FIELDS = ("input_size", "test_input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct",
+               "test_crop_pct", "crop_mode", "mean", "std")
+# Size words of timm's model names (`vit_small_patch16_224`, `convnext_femto`), used to find a registered
+# architecture of the student's shape.
+_SIZES = ("zepto", "atto", "femto", "pico", "nano", "tiny", "small", "medium", "base", "large", "xlarge", "xxlarge",
+          "huge", "giant", "gigantic")
 
 
 def is_timm_config(config: dict) -> bool:
@@ -37,12 +65,18 @@ def is_timm_config(config: dict) -> bool:
 def load_config(folder: str | Path) -> TimmModelConfig:
     """Read a timm `config.json` (as written by `save_for_hf` / found in `timm/...` Hub repos)."""
     pretrained_cfg, architecture, model_args = load_model_config_from_path(folder)
-    return TimmModelConfig(architecture, dict(model_args), pretrained_cfg.get("num_classes"))
+    return TimmModelConfig(architecture, dict(model_args), pretrained_cfg.get("num_classes"), dict(pretrained_cfg))
 
 
 def config_of(model: torch.nn.Module) -> TimmModelConfig:
     architecture = model.pretrained_cfg.get("architecture") or type(model).__name__
-    return TimmModelConfig(architecture, dict(getattr(model, "_model_args", {})), model.num_classes)
+    return TimmModelConfig(architecture, dict(getattr(model, "_model_args", {})), model.num_classes,
+                           dict(model.pretrained_cfg))
+
+
+def model_name(config: TimmModelConfig) -> str:
+    """How error messages name the model: its architecture, e.g. `resnet18`."""
+    return config.architecture
 
 
 def create(config: TimmModelConfig) -> torch.nn.Module:
@@ -50,14 +84,20 @@ def create(config: TimmModelConfig) -> torch.nn.Module:
     return config.create()
 
 
-def _skeleton(config: TimmModelConfig) -> torch.nn.Module:
+def _skeleton(config: TimmModelConfig, **overrides: Any) -> torch.nn.Module:
     with torch.device("meta"):
-        return config.create()
+        return config.create(**overrides)
 
 
 def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelFamily,
                    num_classes: int | None = None) -> TimmModelConfig:
-    """The teacher's config with the student's architecture overrides applied."""
+    """The student's config: the teacher's with the student's architecture overrides applied.
+
+    The architecture is the registered timm model of the student's shape when there is one (a ViT-S teacher and the
+    `vit-tiny` preset give `vit_tiny_patch16_224`), with `model_args` for what still differs; else the teacher's
+    architecture with the student's shape in `model_args`. `pretrained_cfg` keeps the source's input preprocessing
+    and drops what describes the source's weights (tag, Hub id, license, labels of another label space).
+    """
     skeleton = _skeleton(teacher)
     args = dict(teacher.model_args)
     if family.layout == "isotropic":
@@ -68,11 +108,94 @@ def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelF
                     depth=shape.depth if shape.depth is not None else len(skeleton.blocks))
         if not isinstance(args["depth"], int):
             raise ValueError(f"depth for a ViT must be one integer, got {args['depth']!r}")
+        width_keys, depth_keys = ("embed_dim", "num_heads", "mlp_ratio"), ("depth",)
     else:
         widths = tuple(stage.blocks[0].conv_dw.out_channels for stage in skeleton.stages)
         depths = tuple(len(stage.blocks) for stage in skeleton.stages)
         args["dims"], args["depths"] = convnext_dims(shape, teacher_widths=widths, teacher_depths=depths)
-    return TimmModelConfig(teacher.architecture, args, num_classes if num_classes is not None else teacher.num_classes)
+        width_keys, depth_keys = ("dims",), ("depths",)
+    classes = num_classes if num_classes is not None else teacher.num_classes
+    pretrained_cfg = {key: value for key, value in teacher.pretrained_cfg.items() if key in DATA_FIELDS}
+    if classes == teacher.num_classes:
+        pretrained_cfg.update({key: teacher.pretrained_cfg[key] for key in ("label_names", "label_descriptions",
+                                                                            "label_offset")
+                               if teacher.pretrained_cfg.get(key) is not None})
+    pretrained_cfg = {**dict.fromkeys(_WEIGHT_FIELDS), **pretrained_cfg, "custom_load": False, "num_classes": classes}
+    student = TimmModelConfig(teacher.architecture, args, classes, pretrained_cfg)
+    return _registered(student, width_keys, depth_keys, family)
+
+
+def _registered(config: TimmModelConfig, width_keys: tuple[str, ...], depth_keys: tuple[str, ...],
+                family: ModelFamily) -> TimmModelConfig:
+    """`config` under the registered architecture that builds the same model with the fewest `model_args`."""
+    skeleton = _skeleton(config)
+    target = _fingerprint(skeleton)
+    width = target[0]
+    tokens = config.architecture.split("_")
+    candidates = [config.architecture] + [
+        name for i, token in enumerate(tokens) if token in _SIZES for size in _SIZES
+        if size != token and timm.is_model(name := "_".join([*tokens[:i], size, *tokens[i + 1:]]))]
+    extras = [{}]
+    if family.layout == "hierarchical":  # timm's smallest ConvNeXts default to conv_mlp=True, the others to False
+        extras.append({"conv_mlp": bool(getattr(skeleton.stages[0].blocks[0], "use_conv_mlp", False))})
+    best = None
+    for name in candidates:
+        if _default_width(name, family.layout) != width:
+            continue
+        for dropped in (width_keys + depth_keys, width_keys):
+            for extra in extras:
+                args = {k: v for k, v in config.model_args.items() if k not in dropped} | extra
+                if best is not None and len(args) >= len(best.model_args):
+                    continue
+                candidate = TimmModelConfig(name, args, config.num_classes, config.pretrained_cfg)
+                if _fingerprint(_skeleton(candidate)) == target:
+                    best = candidate
+    return best or config
+
+
+@functools.lru_cache(maxsize=None)
+def _default_width(name: str, layout: str):
+    """The embedding width (ViT) or stage widths (ConvNeXt) of a registered architecture's defaults."""
+    shallow = {"depth": 1} if layout == "isotropic" else {"depths": (1, 1, 1, 1)}
+    try:
+        with torch.device("meta"):
+            return _fingerprint(timm.create_model(name, pretrained=False, **shallow))[0]
+    except Exception:  # an architecture that cannot be built so (other stage count, ...) is no candidate
+        return None
+
+
+def _fingerprint(model: torch.nn.Module) -> tuple:
+    """What makes two timm models the same: widths, tensor names and shapes, module types and their settings."""
+    if hasattr(model, "stages"):
+        width = tuple(stage.blocks[0].conv_dw.out_channels for stage in model.stages if hasattr(stage, "blocks"))
+    else:
+        width = getattr(model, "embed_dim", None)
+    shapes = tuple((key, tuple(value.shape)) for key, value in model.state_dict().items())
+    settings = tuple((name, type(module).__name__, tuple(sorted(
+        (key, value) for key, value in vars(module).items()
+        if not key.startswith("_") and key != "training" and isinstance(value, (bool, int, float, str, tuple)))))
+        for name, module in model.named_modules())
+    return width, shapes, settings
+
+
+def input_spec(config: TimmModelConfig) -> dict[str, Any]:
+    """What the model's input preprocessing depends on: image channels, image size and patch (stem kernel) size."""
+    model = _skeleton(config)
+    first_conv = model.get_submodule(model.pretrained_cfg["first_conv"])
+    first_conv = first_conv if isinstance(first_conv, torch.nn.Conv2d) else first_conv.proj
+    image_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return {"channels": first_conv.in_channels, "image size": image_size, "patch size": first_conv.kernel_size}
+
+
+def inherit_preprocessing(student: TimmModelConfig, teacher: TimmModelConfig) -> TimmModelConfig:
+    """`student` with the teacher's data config (`pretrained_cfg` input size, interpolation, crop, mean, std)."""
+    data = {key: teacher.pretrained_cfg.get(key) for key in DATA_FIELDS}
+    return replace(student, pretrained_cfg={**student.pretrained_cfg, **data})
+
+
+def with_metadata(config: TimmModelConfig, **metadata: Any) -> TimmModelConfig:
+    """`config` with `pretrained_cfg` metadata set (`license`, `description`)."""
+    return replace(config, pretrained_cfg={**config.pretrained_cfg, **metadata})
 
 
 def save(model: torch.nn.Module, folder: str | Path) -> None:

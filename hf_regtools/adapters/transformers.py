@@ -19,6 +19,29 @@ def load_config(folder: str | Path) -> PretrainedConfig:
     return AutoConfig.from_pretrained(str(folder))
 
 
+def model_name(config: PretrainedConfig) -> str:
+    """How error messages name the model: its `model_type`, e.g. `bert`."""
+    return config.model_type
+
+
+INPUT_FIELDS = {"image_size": "image size", "patch_size": "patch size", "num_channels": "channels"}
+
+
+def input_spec(config: PretrainedConfig) -> dict:
+    """What the model's preprocessing (image processor) depends on: the config's image size, patch size, channels."""
+    return {label: getattr(config, name) for name, label in INPUT_FIELDS.items() if hasattr(config, name)}
+
+
+def inherit_preprocessing(student: PretrainedConfig, teacher: PretrainedConfig) -> PretrainedConfig:
+    """The student's config: transformers keeps preprocessing in files (`preprocessor_config.json`), not here."""
+    return student
+
+
+def with_metadata(config: PretrainedConfig, **metadata) -> PretrainedConfig:
+    """The config: a transformers config has no field for a license or description (the model card holds them)."""
+    return config
+
+
 def student_config(teacher: PretrainedConfig, shape: StudentShape, family: ModelFamily,
                    num_labels: int | None = None) -> PretrainedConfig:
     """A copy of the teacher's config with the student's architecture overrides applied."""

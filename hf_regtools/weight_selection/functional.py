@@ -12,6 +12,7 @@ Three steps, as in the paper and `OscarXZQ/weight-selection`:
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -178,6 +179,7 @@ def select_weights(
     keep_classifier: bool = False,
     reshape_1x1: bool = False,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
 
@@ -202,6 +204,9 @@ def select_weights(
         reshape_1x1 (`bool`, *optional*, defaults to `False`): allow a Linear `[o, i]` weight to initialize a 1x1
             convolution `[o, i, 1, 1]` and back (timm ConvNeXt `conv_mlp`).
         seed (`int`, *optional*, defaults to 0): seed of `mode="random"`.
+        progress (`bool`, *optional*): show a progress bar over the tensors on stderr. By default it shows when stderr
+            is a terminal, unless progress bars are disabled (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
+            `huggingface_hub.utils.disable_progress_bars()`).
 
     Returns:
         `SelectionReport`: what was loaded and skipped, and the index sets used.
@@ -240,9 +245,9 @@ def select_weights(
                              settings=dict(mode=mode, qkv_mode=qkv_mode, seed=seed, keep_classifier=keep_classifier,
                                            reshape_1x1=reshape_1x1,
                                            skip=skip if isinstance(skip, str) else getattr(skip, "__name__", "custom")))
-    for key, target in student_tensors.items():
-        if key in skipped:
-            continue
+    selected_keys = [key for key in student_tensors if key not in skipped]
+    for key in _progress(selected_keys, progress):
+        target = student_tensors[key]
         chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(key) else 1
         with _borrowed(teacher_tensors, key) as teacher_tensor:
             source = _match_ndim(teacher_tensor, tuple(target.shape), key, reshape_1x1)
@@ -257,6 +262,19 @@ def select_weights(
         report.loaded.append(key)
     report.teacher_unused = [key for key in teacher_tensors if key not in student_tensors]
     return report
+
+
+def _progress(keys: list[str], progress: bool | None):
+    """`keys`, with a tqdm bar on stderr when asked, or by default when stderr is a terminal and bars are enabled."""
+    if progress is None:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        progress = sys.stderr.isatty() and not are_progress_bars_disabled()
+    if not progress:
+        return keys
+    from tqdm import tqdm
+
+    return tqdm(keys, desc="weight selection", unit="tensor", file=sys.stderr, dynamic_ncols=True)
 
 
 def _teacher_tensors(teacher, student) -> Mapping[str, torch.Tensor]:

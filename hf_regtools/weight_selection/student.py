@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,8 @@ import torch
 
 from .. import hub
 from .._io import atomic_directory
-from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, detect_family, library_adapter,
-                        library_of, preset_shape)
+from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, check_preset, detect_family,
+                        library_adapter, library_of, preset_shape)
 from ..checkpoint import CheckpointReader
 from .config import WeightSelectionConfig
 from .functional import SelectionReport, select_weights
@@ -30,6 +31,13 @@ class SelectedStudent:
         teacher_revision (`str`, *optional*): the teacher's commit sha when pulled from the Hub.
         config (`WeightSelectionConfig`): the selection settings.
         student_source (`str`): how the student was specified (preset, config reference, overrides).
+        teacher_on_hub (`bool`): whether `teacher` is a Hub repo id (then the card's `base_model`).
+        preprocessing (`dict[str, str]`): for each kind of preprocessing (image processor, timm data config), what
+            the student got from the teacher, or why not.
+        preprocessing_files (`tuple[Path, ...]`): the teacher's preprocessing files that `save` copies.
+        license (`dict[str, str]`): the teacher's license (`license`, and `license_name` / `license_link` for
+            "other"), empty when the teacher declares none.
+        license_source (`str`, *optional*): where the license was read.
     """
 
     model: torch.nn.Module
@@ -40,10 +48,14 @@ class SelectedStudent:
     config: WeightSelectionConfig
     student_source: str
     teacher_on_hub: bool = False
+    preprocessing: dict[str, str] = field(default_factory=dict)
+    preprocessing_files: tuple[Path, ...] = ()
+    license: dict[str, str] = field(default_factory=dict)
+    license_source: str | None = None
 
-    def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write weights, config and model card to `output_dir` atomically; see `save_student`."""
-        return save_student(self, output_dir, overwrite=overwrite)
+    def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False, repo_id: str | None = None) -> Path:
+        """Write weights, config, preprocessing and model card to `output_dir` atomically; see `save_student`."""
+        return save_student(self, output_dir, overwrite=overwrite, repo_id=repo_id)
 
 
 def initialize_student(
@@ -57,12 +69,16 @@ def initialize_student(
     mlp_dim: int | None = None,
     num_labels: int | None = None,
     config: WeightSelectionConfig | None = None,
+    progress: bool | None = None,
     **selection_kwargs: Any,
 ) -> SelectedStudent:
     """Build a student and initialize it by weight selection from `teacher`.
 
-    The teacher is read tensor by tensor from its safetensors files when given as a reference, so a teacher
-    larger than memory works and peak memory stays near the student's size plus one teacher tensor.
+    The student is checked and built from the configs before any teacher weight is fetched or read. The teacher is
+    then read tensor by tensor from its safetensors files when given as a reference, so a teacher larger than memory
+    works and peak memory stays near the student's size plus one teacher tensor. The student takes the teacher's
+    preprocessing (image processor, timm data config) when it keeps the inputs it depends on (image size, patch
+    size, channels), and the teacher's license.
 
     Args:
         teacher (`str`, `os.PathLike` or `nn.Module`): Hub id (`org/name`, `org/name@rev`), timm `hf-hub:` id or
@@ -72,10 +88,12 @@ def initialize_student(
             teacher's architecture with the overrides below.
         revision (`str`, *optional*): teacher revision on the Hub.
         hidden_size, depth, num_heads, mlp_dim (*optional*): overrides of the teacher's (or preset's) architecture;
-            see `StudentShape`.
+            see `StudentShape`. A ViT keeps the head dimension and MLP ratio of the preset (else of the teacher)
+            unless `num_heads` / `mlp_dim` are given.
         num_labels (`int`, *optional*): the student's number of classes (defaults to the teacher's).
         config (`WeightSelectionConfig`, *optional*): selection settings; or pass them as keyword arguments
             (`mode=`, `qkv_mode=`, `skip=`, `keep_classifier=`, `reshape_1x1=`, `seed=`).
+        progress (`bool`, *optional*): show a progress bar over the tensors; see `select_weights`.
 
     Example:
 
@@ -90,24 +108,82 @@ def initialize_student(
         raise ValueError("pass selection settings either as config= or as keyword arguments, not both")
     config = config or WeightSelectionConfig(**selection_kwargs)
     overrides = StudentShape(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
+    student = _resolve_student(student)
 
+    resolved = None
     if isinstance(teacher, torch.nn.Module):
-        teacher_weights, library = teacher, library_of(teacher)
+        library = library_of(teacher)
         teacher_name, teacher_revision, on_hub = _module_name(teacher), None, False
         teacher_config = _config_of_module(teacher, library)
+        family = detect_family(teacher, role="teacher", technique="weight_selection",
+                               name=_model_label(library, teacher_config))
     else:
-        resolved = hub.resolve_model(teacher, revision=revision)
+        resolved = hub.resolve_model(teacher, revision=revision, weights=False)
         library, teacher_name, teacher_revision = resolved.library, resolved.hub_reference, resolved.revision
         on_hub = resolved.repo_id is not None
-        teacher_weights = CheckpointReader(resolved.folder)
         teacher_config = library_adapter(library).load_config(resolved.folder)
-    family = detect_family(teacher_weights, role="teacher", technique="weight_selection")
+        family = _family_of_config(teacher_config, library, role="teacher")
 
-    model, source = _build_student(student, overrides, num_labels, family, library, teacher_config)
-    report = select_weights(teacher_weights, model, **config.to_dict())
+    teacher_folder = resolved.folder if resolved is not None else None
+    teacher_license, license_source = _teacher_license(teacher_folder, teacher_config, library)
+    model, source, preprocessing, files = _build_student(
+        student, overrides, num_labels, family, library, teacher_config, teacher_folder,
+        metadata=dict(license=teacher_license.get("license"),
+                      description=f"Initialized by weight selection (hf_regtools) from {teacher_name}"))
+
+    teacher_weights = teacher if resolved is None else CheckpointReader(hub.fetch_weights(resolved).folder)
+    report = select_weights(teacher_weights, model, progress=progress, **config.to_dict())
     return SelectedStudent(model=model, report=report, library=library, teacher=teacher_name,
                            teacher_revision=teacher_revision, config=config, student_source=source,
-                           teacher_on_hub=on_hub)
+                           teacher_on_hub=on_hub, preprocessing=preprocessing, preprocessing_files=files,
+                           license=teacher_license, license_source=license_source)
+
+
+def _resolve_student(student):
+    """The student reference, checked before the teacher is touched: a preset name, or the student's resolved config."""
+    if student is None or isinstance(student, (torch.nn.Module, StudentShape)):
+        return student
+    if isinstance(student, str) and (student in PRESETS or _is_bare_name(student)):
+        check_preset(student)
+        return student
+    try:
+        return hub.resolve_model(student, weights=False)
+    except hub.HubError as error:
+        raise hub.HubError(f"the student {str(student)!r}: {error}") from error
+
+
+def _family_of_config(config, library: str, *, role: str) -> ModelFamily:
+    """The family of the model `config` describes, from a skeleton on the meta device (no weights)."""
+    name = _model_label(library, config)
+    try:
+        with torch.device("meta"):
+            skeleton = library_adapter(library).create(config)
+    except (ValueError, KeyError, TypeError, RuntimeError):  # e.g. no image-classification class for this model type
+        skeleton = ()
+    return detect_family(skeleton, role=role, technique="weight_selection", name=name)
+
+
+def _model_label(library: str, config) -> str:
+    """`"timm resnet18"`, `"transformers bert"`: how messages name a model."""
+    return f"{library} {library_adapter(library).model_name(config)}"
+
+
+def _teacher_license(folder: Path | None, teacher_config, library: str) -> tuple[dict[str, str], str | None]:
+    """The teacher's license from its model card's metadata (else a timm config's `pretrained_cfg`), and where."""
+    readme = folder / "README.md" if folder is not None else None
+    if readme is not None and readme.is_file():
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard.load(readme).data.to_dict()
+        except (ValueError, OSError):
+            data = {}
+        found = {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+        if found.get("license"):
+            return found, "the teacher's model card"
+    if library == "timm" and teacher_config.pretrained_cfg.get("license"):
+        return {"license": teacher_config.pretrained_cfg["license"]}, "the teacher's timm config (`pretrained_cfg`)"
+    return {}, None
 
 
 def _module_name(model: torch.nn.Module) -> str:
@@ -120,70 +196,120 @@ def _config_of_module(model: torch.nn.Module, library: str):
     return library_adapter("timm").config_of(model) if library == "timm" else model.config
 
 
-def _build_student(student, overrides: StudentShape, num_labels, family: ModelFamily, library: str, teacher_config
-                   ) -> tuple[torch.nn.Module, str]:
+def _build_student(student, overrides: StudentShape, num_labels, family: ModelFamily, library: str, teacher_config,
+                   teacher_folder: Path | None, *, metadata: dict[str, Any]
+                   ) -> tuple[torch.nn.Module, str, dict[str, str], tuple[Path, ...]]:
+    adapter = library_adapter(library)
     if isinstance(student, torch.nn.Module):
         if not overrides.is_empty() or num_labels is not None:
             raise ValueError("architecture overrides and num_labels apply when the student is built here, not to a "
                              "given student model")
-        return student, type(student).__name__
-    adapter = library_adapter(library)
+        notes, files, _ = _preprocessing(adapter, teacher_config, _config_of_module(student, library), teacher_folder)
+        if library == "timm":
+            notes["timm data config"] = "kept as the given student model has it (`pretrained_cfg`)"
+        return student, type(student).__name__, notes, files
     shape, source, base_config = overrides, "teacher config with overrides", teacher_config
     if isinstance(student, StudentShape):
         shape = student.merged(overrides)
-    elif isinstance(student, str) and (student in PRESETS or _is_bare_name(student, library)):
+    elif isinstance(student, str):
         shape, source = preset_shape(student, family).merged(overrides), f"preset {student}"
     elif student is not None:
-        resolved = hub.resolve_model(student, weights=False)
-        if resolved.library != library:
-            raise UnsupportedModelError(f"the student config {str(student)!r} is a {resolved.library} model but the "
-                                        f"teacher a {library} model; use the same library for both")
-        base_config, source = adapter.load_config(resolved.folder), f"config {resolved.hub_reference}"
-        with torch.device("meta"):
-            _check_same_family(adapter.create(base_config), family)
+        if student.library != library:
+            raise UnsupportedModelError(f"the student config {student.reference!r} is a {student.library} model but "
+                                        f"the teacher a {library} model; use the same library for both")
+        base_config, source = adapter.load_config(student.folder), f"config {student.hub_reference}"
+        _check_same_family(_family_of_config(base_config, library, role="student"), family)
     elif overrides.is_empty():
         raise ValueError(f"no student given: pass a preset ({sorted(PRESETS)}), a student config, or architecture "
                          "overrides (hidden_size, depth, num_heads, mlp_dim)")
-    model = adapter.create(adapter.student_config(base_config, shape, family, num_labels))
-    _check_same_family(model, family)
-    return model, source
+    student_config = adapter.student_config(base_config, shape, family, num_labels)
+    notes, files, inputs_kept = _preprocessing(adapter, teacher_config, student_config, teacher_folder)
+    if inputs_kept:
+        student_config = adapter.inherit_preprocessing(student_config, teacher_config)
+    model = adapter.create(adapter.with_metadata(student_config, **metadata))
+    _check_same_family(detect_family(model, role="student", technique="weight_selection",
+                                     name=_model_label(library, student_config)), family)
+    return model, source, notes, files
 
 
-def _is_bare_name(reference: str, library: str) -> bool:
+def _preprocessing(adapter, teacher_config, student_config, teacher_folder: Path | None
+                   ) -> tuple[dict[str, str], tuple[Path, ...], bool]:
+    """What preprocessing the student takes from the teacher (notes by kind, files to copy), and whether the student
+    keeps the inputs the teacher's preprocessing depends on (image size, patch size, channels)."""
+    teacher_inputs, student_inputs = adapter.input_spec(teacher_config), adapter.input_spec(student_config)
+    changed = "; ".join(f"its {key} is {student_inputs.get(key)}, the teacher's {value}"
+                        for key, value in teacher_inputs.items() if student_inputs.get(key) != value)
+    notes, files = {}, []
+    is_timm = adapter.__name__.endswith(".timm")
+    for kind, names in hub.PREPROCESSING_FILES.items():
+        present = [teacher_folder / name for name in names if teacher_folder and (teacher_folder / name).is_file()]
+        if not present:
+            if not is_timm:  # timm keeps its preprocessing in config.json
+                notes[kind] = ("none: the teacher was given as a loaded model" if teacher_folder is None else
+                               "none: the teacher has no " + ", ".join(f"`{name}`" for name in names))
+            continue
+        listed = ", ".join(f"`{path.name}`" for path in present)
+        if changed:
+            notes[kind] = f"not copied ({listed}): the student does not keep the teacher's inputs ({changed})"
+        else:
+            notes[kind] = f"copied from the teacher ({listed})"
+            files += present
+    if is_timm:
+        notes["timm data config"] = (
+            f"not taken from the teacher: the student does not keep the teacher's inputs ({changed}); `pretrained_cfg` "
+            "has timm's defaults for its architecture" if changed else
+            "taken from the teacher (`pretrained_cfg`: input size, interpolation, crop, mean, std)")
+    return notes, tuple(files), not changed
+
+
+def _is_bare_name(reference: str) -> bool:
     """Neither a folder, nor a Hub id, nor a timm pretrained tag: can only have been meant as a preset."""
-    if "/" in reference or Path(reference).exists():
+    if "/" in reference or Path(reference).expanduser().exists():
         return False
-    return library != "timm" or library_adapter("timm").hub_id_of(reference) is None
+    return library_adapter("timm").hub_id_of(reference) is None
 
 
-def _check_same_family(student: torch.nn.Module, family: ModelFamily) -> None:
-    student_family = detect_family(student, role="student", technique="weight_selection")
+def _check_same_family(student_family: ModelFamily, family: ModelFamily) -> None:
     if student_family.layout != family.layout:
         raise UnsupportedModelError(f"the student is {student_family.label} but the teacher {family.label}; "
                                     "teacher and student must be of the same family")
 
 
-def save_student(result: SelectedStudent, output_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save the student (safetensors + config) and its model card to `output_dir`.
+def save_student(result: SelectedStudent, output_dir: str | os.PathLike, *, overwrite: bool = False,
+                 repo_id: str | None = None) -> Path:
+    """Save the student (safetensors + config), the teacher's preprocessing files and the model card to `output_dir`.
 
     The folder is written to a temporary sibling and moved into place when complete, so a failure never leaves a
-    half-written output. Loadable with `from_pretrained` (transformers) or `timm.create_model("hf-hub:...")` /
-    `"local-dir:..."` (timm).
+    half-written output. Loadable with `from_pretrained` (transformers; `AutoImageProcessor` too when the teacher's
+    image processor was copied) or `timm.create_model("hf-hub:...")` / `"local-dir:..."` (timm).
+
+    Args:
+        result (`SelectedStudent`): what `initialize_student` returned.
+        output_dir (`str` or `os.PathLike`): the folder to write.
+        overwrite (`bool`, *optional*, defaults to `False`): replace an existing non-empty folder.
+        repo_id (`str`, *optional*): the Hub repo the folder will be pushed to; the card's usage section names it.
     """
     output_dir = Path(output_dir)
     with atomic_directory(output_dir, overwrite=overwrite) as staging:
         library_adapter(result.library).save(result.model, staging)
-        model_card(result).save(staging / "README.md")
+        for path in result.preprocessing_files:
+            shutil.copyfile(path, staging / path.name)
+        model_card(result, repo_id=repo_id).save(staging / "README.md")
     return output_dir
 
 
-def model_card(result: SelectedStudent):
-    """The student's `ModelCard`: `base_model`, library, tags and the selection settings."""
+def model_card(result: SelectedStudent, *, repo_id: str | None = None):
+    """The student's `ModelCard`: `base_model`, license, library, tags, the selection settings and the preprocessing.
+
+    Args:
+        result (`SelectedStudent`): what `initialize_student` returned.
+        repo_id (`str`, *optional*): the student's Hub repo, used in the usage section (else a placeholder).
+    """
     from .._registry import get_technique
 
     info = get_technique("weight_selection")
     card_data = dict(library_name=result.library, tags=["weight-selection", "image-classification"],
-                     pipeline_tag="image-classification")
+                     pipeline_tag="image-classification", **result.license)
     if result.teacher_on_hub:
         card_data["base_model"] = result.teacher
     parameters = sum(p.numel() for p in result.model.parameters())
@@ -192,7 +318,11 @@ def model_card(result: SelectedStudent):
         library=result.library, family=result.report.family, student_source=result.student_source,
         architecture=_architecture_summary(result), parameters=f"{parameters / 1e6:.2f}M",
         settings=result.config.to_dict(), loaded=len(result.report.loaded), skipped=result.report.skipped,
-        paper=info.paper, arxiv=info.arxiv, code_repo=info.code_repo,
+        paper=info.paper, arxiv=info.arxiv, code_repo=info.code_repo, repo_id=repo_id,
+        teacher_on_hub=result.teacher_on_hub,
+        preprocessing=result.preprocessing, license=result.license.get("license"),
+        license_source=result.license_source,
+        image_processor=any(path.name == "preprocessor_config.json" for path in result.preprocessing_files),
     )
 
 
@@ -200,7 +330,10 @@ def _architecture_summary(result: SelectedStudent) -> str:
     model = result.model
     if result.library == "timm":
         cfg = library_adapter("timm").config_of(model)
-        return f"{cfg.architecture} ({', '.join(f'{k}={v}' for k, v in cfg.model_args.items())})"
+        summary = f"`{cfg.architecture}` ({', '.join(f'{k}={v}' for k, v in cfg.model_args.items()) or 'its defaults'})"
+        if {"embed_dim", "dims"} & cfg.model_args.keys():
+            summary += ": no registered timm architecture has this shape, so it is built from this one"
+        return summary
     config = model.config
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_sizes", "depths")
     return f"{type(model).__name__} ({', '.join(f'{k}={getattr(config, k)}' for k in keys if hasattr(config, k))})"

@@ -173,6 +173,39 @@ def test_qkv_modes():
     assert mismatches == [32, 0, 32]  # the spec's worked example: q and v differ in 32 of 320 rows, k matches
 
 
+@pytest.mark.parametrize("teacher_dim, student_dim, differing", [
+    (384, 320, [32, 0, 32]), (768, 320, [151, 74, 151]), (512, 320, [64, 20, 64]), (384, 256, [0, 0, 0])])
+def test_official_fused_qkv_rows_leave_the_embedding_index_set(teacher_dim, student_dim, differing):
+    """The method card's numbers: rows of q, k and v that the official fused rule takes outside the embedding's
+    index set (k too, at most non-integer ratios; none at 3:2), computed with a copy of the official rule."""
+    from .test_indices import official_uniform_indices
+
+    fused = official_uniform_indices(3 * teacher_dim, 3 * student_dim)
+    embed = official_uniform_indices(teacher_dim, student_dim)
+    assert torch.equal(uniform_indices(3 * teacher_dim, 3 * student_dim), fused)
+    chunks = [fused[c * student_dim:(c + 1) * student_dim] - c * teacher_dim for c in range(3)]
+    assert [int((chunk != embed).sum()) for chunk in chunks] == differing
+    qkv = torch.randn(3 * teacher_dim, 4)
+    per_chunk = select_tensor(qkv, (3 * student_dim, 4), qkv_chunks=3)
+    assert torch.equal(per_chunk, torch.cat([qkv[embed + c * teacher_dim] for c in range(3)]))
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(capsys, monkeypatch):
+    """Issue 7: selection was silent. The bar goes to stderr, and not into captured output unless asked."""
+    import sys
+
+    torch.manual_seed(0)
+    teacher = timm_vit()
+    select_weights(teacher, timm_vit(embed_dim=8, depth=2, num_heads=1), progress=True)
+    captured = capsys.readouterr()
+    assert "weight selection" in captured.err and "tensor" in captured.err and captured.out == ""
+    select_weights(teacher, timm_vit(embed_dim=8, depth=2, num_heads=1))
+    assert capsys.readouterr().err == ""  # not a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    select_weights(teacher, timm_vit(embed_dim=8, depth=2, num_heads=1))
+    assert capsys.readouterr().err == ""  # a terminal, but HF_HUB_DISABLE_PROGRESS_BARS=1 (tests/conftest.py)
+
+
 def test_state_dicts_in_and_out():
     torch.manual_seed(0)
     teacher = timm_vit()

@@ -1,4 +1,5 @@
 import json
+import uuid
 
 import pytest
 import torch
@@ -35,7 +36,9 @@ def test_timm_preset_student_from_folder(tmp_path):
 
     assert_same_weights(timm.create_model(f"local-dir:{out}", pretrained=True), student)
     config = json.loads((out / "config.json").read_text())
-    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"]["embed_dim"] == 192
+    # the registered architecture of the student's width: only what differs from its defaults is in model_args
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"]["depth"] == 2
+    assert not {"embed_dim", "num_heads", "mlp_ratio"} & config["model_args"].keys()
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "timm" and {"hf-regtools", "weight-selection"} <= set(card.data.tags)
     assert card.data.base_model is None  # a local teacher is not a Hub id
@@ -152,3 +155,161 @@ def test_output_is_atomic(tmp_path, monkeypatch):
     result.save(out, overwrite=True)
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_preset_with_overrides_keeps_the_preset_head_dim_and_mlp_ratio(tmp_path):
+    """Issue 7: `vit-tiny` at width 128 has 2 heads of 64 and an MLP of 512 (it had 3 heads and MLP ratio 8)."""
+    torch.manual_seed(0)
+    folder = saved(transformers_vit(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=512), tmp_path / "t")
+    config = initialize_student(folder, "vit-tiny", hidden_size=128, depth=1).model.config
+    assert (config.hidden_size, config.num_attention_heads, config.intermediate_size) == (128, 2, 512)
+    config = initialize_student(folder, "vit-tiny", hidden_size=96, num_heads=3, depth=1).model.config
+    assert (config.num_attention_heads, config.intermediate_size) == (3, 384)
+    config = initialize_student(folder, "vit-tiny", hidden_size=128, mlp_dim=200, depth=1).model.config
+    assert (config.num_attention_heads, config.intermediate_size) == (2, 200)
+    with pytest.raises(ValueError, match=r"hidden_size 96 is not a multiple of the student's head dimension 64.*"
+                                         r"--num-heads"):
+        initialize_student(folder, "vit-tiny", hidden_size=96, depth=1)
+
+
+def test_vit_dims_rule():
+    from hf_regtools.adapters import PRESETS, StudentShape, vit_dims
+
+    teacher = dict(teacher_width=768, teacher_heads=12, teacher_mlp=3072)
+    preset = PRESETS["vit-tiny"][1]
+    assert vit_dims(preset, **teacher) == (192, 3, 768)
+    assert vit_dims(preset.merged(StudentShape(hidden_size=128)), **teacher) == (128, 2, 512)
+    assert vit_dims(preset.merged(StudentShape(num_heads=6)), **teacher) == (192, 6, 768)
+    assert vit_dims(StudentShape(hidden_size=320), teacher_width=768, teacher_heads=12,
+                    teacher_mlp=2304) == (320, 5, 960)  # no preset: the teacher's head dimension and MLP ratio
+    with pytest.raises(ValueError, match="not a multiple of the teacher's head dimension 64.*--num-heads"):
+        vit_dims(StudentShape(hidden_size=100), **teacher)
+
+
+def _timm_config(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
+def test_timm_student_config_names_the_student_architecture(tmp_path, fake_hub):
+    """Issue 7: the config named the teacher's architecture and pretrained tag with the student's width."""
+    import timm
+
+    from hf_regtools.hub import push_folder
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("vit_small_patch16_224", pretrained=False, depth=1, img_size=32, num_classes=5)
+    teacher_folder = saved(teacher, tmp_path / "teacher")
+    teacher_cfg = _timm_config(teacher_folder)["pretrained_cfg"]
+    assert teacher_cfg["tag"] and teacher_cfg["license"]
+
+    result = initialize_student(teacher_folder, "vit-tiny", depth=1)
+    out = result.save(tmp_path / "student")
+    config = _timm_config(out)
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["pretrained_cfg"].get("tag") is None
+    assert not {"embed_dim", "num_heads", "mlp_ratio"} & config["model_args"].keys()
+    assert "hf_hub_id" not in config["pretrained_cfg"] and "url" not in config["pretrained_cfg"]
+    for key in ("mean", "std", "interpolation", "crop_pct", "license"):  # the teacher's preprocessing and license
+        assert config["pretrained_cfg"][key] == teacher_cfg[key]
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+
+    repo_id = f"org/ws-{uuid.uuid4().hex[:8]}"
+    push_folder(out, repo_id)
+    for reference in (f"hf-hub:{repo_id}", f"local-dir:{out}"):
+        reloaded = timm.create_model(reference, pretrained=True)
+        assert type(reloaded) is type(result.model) and reloaded.embed_dim == 192
+        assert_same_weights(reloaded, result.model)
+
+    # no registered architecture of width 128: built from the teacher's, with the shape in model_args
+    other = initialize_student(teacher_folder, "vit-tiny", hidden_size=128, depth=1).save(tmp_path / "s128")
+    config = _timm_config(other)
+    assert config["architecture"] == "vit_small_patch16_224" and config["pretrained_cfg"].get("tag") is None
+    assert (config["model_args"]["embed_dim"], config["model_args"]["num_heads"]) == (128, 2)
+    assert "no registered timm architecture has this shape" in (other / "README.md").read_text()
+    assert_same_weights(timm.create_model(f"local-dir:{other}", pretrained=True),
+                        timm.create_model(f"local-dir:{other}", pretrained=True))
+
+
+def test_timm_convnext_student_is_the_registered_femto_with_a_linear_mlp(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    teacher = timm.create_model("convnext_tiny", pretrained=False, depths=(1, 1, 1, 1), num_classes=3)
+    result = initialize_student(saved(teacher, tmp_path / "t"), "convnext-femto", depth=(1, 1, 1, 1))
+    config = _timm_config(result.save(tmp_path / "s"))
+    assert config["architecture"] == "convnext_femto" and config["model_args"]["conv_mlp"] is False
+    assert_same_weights(timm.create_model(f"local-dir:{tmp_path / 's'}", pretrained=True), result.model)
+
+
+def _with_image_processor(folder, size):
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.1, 0.2, 0.3]).save_pretrained(folder)
+    return folder
+
+
+def test_transformers_student_gets_the_teacher_image_processor(tmp_path, fake_hub):
+    """Issue 7: `AutoImageProcessor.from_pretrained(student)` failed: the teacher's preprocessing was not copied."""
+    from transformers import AutoImageProcessor
+
+    from hf_regtools.hub import push_folder
+
+    torch.manual_seed(0)
+    folder = _with_image_processor(saved(transformers_vit(hidden_size=16, num_hidden_layers=2), tmp_path / "t"), 16)
+    teacher_repo = f"org/teacher-{uuid.uuid4().hex[:8]}"
+    push_folder(folder, teacher_repo)
+    result = initialize_student(teacher_repo, hidden_size=8, depth=1)
+    out = result.save(tmp_path / "s", repo_id="org/my-student")
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.to_dict() == AutoImageProcessor.from_pretrained(folder).to_dict()
+    assert list(processor.image_mean) == [0.1, 0.2, 0.3]
+    card = (out / "README.md").read_text()
+    assert "image processor: copied from the teacher (`preprocessor_config.json`)" in card
+    assert 'AutoImageProcessor.from_pretrained("org/my-student")' in card
+    assert f"[`{teacher_repo}`](https://huggingface.co/{teacher_repo})" in card
+
+
+def test_student_with_other_inputs_does_not_get_the_teacher_preprocessing(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    teacher = transformers_convnext(hidden_sizes=(16, 32, 64, 128), depths=(1, 1, 1, 1), image_size=64)
+    folder = _with_image_processor(saved(teacher, tmp_path / "t"), 64)
+    student_config = transformers_convnext(hidden_sizes=(8, 16, 32, 64), depths=(1, 1, 1, 1), image_size=32).config
+    student_config.save_pretrained(tmp_path / "student_config")
+    result = initialize_student(folder, tmp_path / "student_config")
+    out = result.save(tmp_path / "s")
+    assert not (out / "preprocessor_config.json").exists() and result.preprocessing_files == ()
+    assert ("not copied (`preprocessor_config.json`): the student does not keep the teacher's inputs (its image size "
+            "is 32, the teacher's 64)") in (out / "README.md").read_text()
+
+    timm_teacher = saved(timm_vit(embed_dim=16, depth=1, img_size=16), tmp_path / "timm_t")
+    one_channel = saved(timm_vit(embed_dim=8, depth=1, num_heads=1, img_size=16, in_chans=1), tmp_path / "timm_s")
+    timm_result = initialize_student(timm_teacher, one_channel)
+    assert timm_result.preprocessing["timm data config"].startswith("not taken from the teacher")
+    reloaded = timm.create_model(f"local-dir:{timm_result.save(tmp_path / 'timm_out')}", pretrained=True)
+    assert reloaded.pretrained_cfg["input_size"][0] == 1
+
+
+def _card_with_license(folder, license):
+    ModelCard(f"---\nlicense: {license}\n---\n# Teacher\n").save(folder / "README.md")
+    return folder
+
+
+def test_card_license_and_usage_name_the_repo(tmp_path):
+    torch.manual_seed(0)
+    folder = _card_with_license(saved(transformers_vit(), tmp_path / "t"), "cc-by-nc-4.0")
+    result = initialize_student(folder, hidden_size=8, depth=1)
+    card = ModelCard.load(result.save(tmp_path / "s", repo_id="org/named").joinpath("README.md"))
+    assert card.data.license == "cc-by-nc-4.0" and "from the teacher's model card" in card.text
+    assert 'from_pretrained("org/named")' in card.text and "<this repo>" not in card.text
+
+    unlicensed = initialize_student(saved(transformers_vit(), tmp_path / "t2"), hidden_size=8, depth=1)
+    card = ModelCard.load(unlicensed.save(tmp_path / "s2").joinpath("README.md"))
+    assert card.data.license is None and "none declared by the teacher" in card.text
+    assert 'from_pretrained("<this repo>")' in card.text
+    assert "image processor: none: the teacher has no `preprocessor_config.json`" in card.text
+
+    timm_result = initialize_student(saved(timm_vit(), tmp_path / "timm_t"), hidden_size=8, depth=1)
+    card = ModelCard.load(timm_result.save(tmp_path / "timm_s", repo_id="org/timm-named") / "README.md")
+    assert 'timm.create_model("hf-hub:org/timm-named", pretrained=True)' in card.text
