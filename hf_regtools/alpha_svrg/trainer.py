@@ -76,7 +76,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
       examples, global batch `G` = per-device batch x processes x accumulation), as the official code does. For a
       loss that is a mean over examples this is the mean per-example gradient over the first `(N // G) * G` examples
       of the epoch, whatever the number of processes (a short last step, and the samples Accelerate repeats to even
-      out the processes' last batches, are left out);
+      out the processes' last batches, are left out). `full_gradient_batch_size` computes it in larger batches (same
+      `mu` for models without BatchNorm, fewer passes);
     - `mode="snapshot"` (default), every micro-batch: after the normal forward/backward, the RNG is rewound and the
       snapshot computes its gradient on the same inputs with the same dropout masks and the same loss normalisation;
       the RNG is then put back where training left it;
