@@ -160,6 +160,8 @@ register(
                    "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
                    "deterministic": dropout == 0.0}
             for name, settings, dropout in (("snapshot_every_2_steps", {"snapshot_every": 2}, 0.0),
+                                            ("full_gradient_in_batches_of_16",
+                                             {"snapshot_every": 2, "full_gradient_batch_size": 16}, 0.0),
                                             ("cache_mode", {"mode": "cache"}, 0.0),
                                             ("cache_mode_with_dropout", {"mode": "cache"}, 0.1))
         }},

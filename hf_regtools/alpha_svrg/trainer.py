@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
@@ -29,13 +30,54 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return b if a is None else a if b is None else a + b
 
 
+def _first(batches, count: int):
+    """The first `count` batches; the rest are read and dropped, so the data loader ends its epoch normally."""
+    for index, batch in enumerate(batches):
+        if index < count:
+            yield batch
+
+
+def _concatenated(batches, per_chunk: int):
+    """Consecutive batches joined `per_chunk` at a time (the last chunk may be shorter)."""
+    chunk = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == per_chunk:
+            yield _concatenate(chunk)
+            chunk = []
+    if chunk:
+        yield _concatenate(chunk)
+
+
+def _concatenate(batches: list[dict]) -> dict:
+    if len(batches) == 1:
+        return batches[0]
+    joined = {}
+    for key, value in batches[0].items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"AlphaSVRGConfig(full_gradient_batch_size=...) joins batches, but the batch entry "
+                             f"{key!r} is a {type(value).__name__}, not a tensor: leave full_gradient_batch_size unset")
+        try:
+            joined[key] = torch.cat([batch[key] for batch in batches])
+        except RuntimeError as error:
+            raise ValueError(f"AlphaSVRGConfig(full_gradient_batch_size=...) joins batches, but the batch entry "
+                             f"{key!r} changes shape from batch to batch ({error}): pad it to a fixed length or leave "
+                             f"full_gradient_batch_size unset") from None
+    return joined
+
+
 class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
     """alpha-SVRG for your Trainer: `class MyTrainer(AlphaSVRGTrainerMixin, Trainer)`.
 
     - `create_optimizer` wraps the Trainer's optimizer (AdamW, SGD, ... or yours) in `AlphaSVRG`;
     - at every snapshot refresh (`global_step % snapshot_every == 0`) the snapshot model takes the current parameters
-      and `mu`, the mean snapshot gradient over the full batches of the epoch's train data, is computed (all RNG
-      states saved and restored, averaged across processes);
+      and `mu`, the snapshot's full gradient, is computed (all RNG states saved and restored): the mean of the
+      snapshot's gradients over the epoch's *full optimizer steps*, the first `N // G` steps of the epoch's order (`N`
+      examples, global batch `G` = per-device batch x processes x accumulation), as the official code does. For a
+      loss that is a mean over examples this is the mean per-example gradient over the first `(N // G) * G` examples
+      of the epoch, whatever the number of processes (a short last step, and the samples Accelerate repeats to even
+      out the processes' last batches, are left out). `full_gradient_batch_size` computes it in larger batches (same
+      `mu` for models without BatchNorm, fewer passes);
     - `mode="snapshot"` (default), every micro-batch: after the normal forward/backward, the RNG is rewound and the
       snapshot computes its gradient on the same inputs with the same dropout masks and the same loss normalisation;
       the RNG is then put back where training left it;
@@ -49,7 +91,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
       snapshot work is skipped.
 
     Order: the Trainer clips (`max_grad_norm`, default 1.0) *before* the correction; the official code does not clip.
-    Set `max_grad_norm=0` for parity, and `AlphaSVRGConfig(clip_norm=...)` to clip the corrected gradient.
+    Set `max_grad_norm=0` for parity (`train()` warns otherwise), and `AlphaSVRGConfig(clip_norm=...)` to clip the
+    corrected gradient.
     bf16 autocast and fp16 with loss scaling work, with fp32 SVRG buffers: under fp16 the snapshot's gradient is taken
     at the GradScaler's scale and unscaled (a snapshot pass that overflows is repeated at half the scale), and a step
     whose own gradient overflows is skipped by the scaler as usual. In a custom loop, use `AlphaSVRG` directly (see
@@ -66,7 +109,8 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise ValueError("alpha-SVRG supports DDP and single-device training; FSDP and DeepSpeed shard the "
                              "parameters the snapshot needs")
-        self.snapshot_model, self._steps_per_epoch = None, None
+        self.snapshot_model, self._steps_per_epoch, self._full_steps_per_epoch = None, None, None
+        self._warned_clipping = False
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -75,12 +119,40 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
 
     def train(self, *args, **kwargs):
         self._reset_run_state()
+        self._warn_about_clipping()
         try:
             return super().train(*args, **kwargs)
         finally:
             self._reset_run_state()
 
+    def _warn_about_clipping(self) -> None:
+        clip = self.args.max_grad_norm
+        if self._warned_clipping or not clip or clip <= 0 or self.alpha_svrg.alpha0 == 0:
+            return
+        self._warned_clipping = True
+        if self.is_world_process_zero():
+            warnings.warn(f"alpha-SVRG: the Trainer clips each gradient to max_grad_norm={clip} before the SVRG "
+                          "correction, which the paper's recipe never does; set TrainingArguments(max_grad_norm=0) for "
+                          "the paper's recipe, and AlphaSVRGConfig(clip_norm=...) to clip the corrected gradient "
+                          "instead.", UserWarning, stacklevel=3)
+
+    def _validate_model(self) -> None:
+        if self.alpha_svrg.full_gradient_batch_size is None:
+            return
+        per_device = self.args.per_device_train_batch_size
+        if self.alpha_svrg.full_gradient_batch_size % per_device:
+            raise ValueError(f"AlphaSVRGConfig(full_gradient_batch_size={self.alpha_svrg.full_gradient_batch_size}) "
+                             f"must be a multiple of per_device_train_batch_size ({per_device}): the full-gradient "
+                             "pass joins whole batches")
+        norms = sorted({type(m).__name__ for m in self.model.modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)})
+        if norms:
+            raise ValueError(f"AlphaSVRGConfig(full_gradient_batch_size=...) would change mu for this model: its "
+                             f"{', '.join(norms)} layers normalise with batch statistics, so the full gradient depends "
+                             "on how the examples are batched; leave full_gradient_batch_size unset")
+
     def create_optimizer(self, *args, **kwargs):
+        self._validate_model()
         optimizer = super().create_optimizer(*args, **kwargs)
         if isinstance(getattr(optimizer, "optimizer", optimizer), AlphaSVRG) and self.snapshot_model is not None:
             return optimizer  # a later train() on the same Trainer: already wrapped (possibly by Accelerate)
@@ -102,10 +174,14 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
     def snapshot_interval(self) -> int:
         """Optimizer steps between snapshot refreshes (at most one epoch)."""
         n = self._update_steps_per_epoch()
-        return n if self.alpha_svrg.snapshot_every == "epoch" else min(self.alpha_svrg.snapshot_every, n)
+        return n if self.alpha_svrg.snapshot_every == "epoch" else self.alpha_svrg.snapshot_every
 
     def alpha_at(self, step: int) -> float:
+        """`alpha_t` at optimizer step `step`: the schedule over the run's epochs, 0 after epoch `svrg_end`."""
         epochs = max(math.ceil(self.state.num_train_epochs), 1)
+        end = self.alpha_svrg.svrg_end
+        if end is not None and step // self._update_steps_per_epoch() > end:
+            return 0.0
         return svrg_alpha_schedule(step, alpha0=self.alpha_svrg.alpha0, epochs=epochs,
                                    steps_per_epoch=self._update_steps_per_epoch(),
                                    snapshot_every=self.snapshot_interval(), kind=self.alpha_svrg.kind)
@@ -156,23 +232,29 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
                     snapshot.copy_(buffer)
 
     def refresh_snapshot(self) -> None:
-        """theta~ <- theta; mu <- mean snapshot gradient over the full batches of the epoch's train data."""
+        """theta~ <- theta; mu <- the snapshot's mean gradient over the epoch's full optimizer steps.
+
+        Each process takes its first `N // G` steps' batches of the epoch (the data loader's order for that epoch);
+        with `full_gradient_batch_size`, they are joined into larger batches, each weighted by its size.
+        """
         optimizer = self.svrg_optimizer
         self._take_snapshot()
         saved = rng_state()
         totals = [torch.zeros_like(p, dtype=torch.float32) for p in optimizer.parameters()]
-        batches, full_size = 0, None
-        for batch in self._epoch_batches(self.state.global_step // self._update_steps_per_epoch()):
-            size = _batch_size(batch)
-            full_size = full_size or size
-            if size < full_size:
-                continue
+        epoch = self.state.global_step // self._update_steps_per_epoch()
+        batches = _first(self._epoch_batches(epoch), self._full_steps() * self.args.gradient_accumulation_steps)
+        joined = self.alpha_svrg.full_gradient_batch_size
+        if joined is not None:
+            batches = _concatenated(batches, joined // self.args.per_device_train_batch_size)
+        count = 0
+        for batch in batches:
+            weight = _batch_size(batch) if joined is not None else 1
             for total, g in zip(totals, self._snapshot_gradient([batch], None, per_update=False)):
                 if g is not None:
-                    total.add_(g)
-            batches += 1
+                    total.add_(g if weight == 1 else g * weight)
+            count += weight
         set_rng_state(saved)
-        optimizer.set_full_gradient(self._mean_across_processes(t / batches) for t in totals)
+        optimizer.set_full_gradient(self._mean_across_processes(t / count) for t in totals)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Cache mode: at an epoch's first step take all of its batches (grouped per optimizer step as the Trainer
@@ -216,7 +298,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
                                "full gradient: resume from a checkpoint written by AlphaSVRGTrainerMixin")
         saved = stream = rng_state()
         trainer_accumulation = getattr(self, "current_gradient_accumulation_steps", None)
-        total, full_steps, full_shape, self._cache = None, 0, None, {}
+        total, full_steps, self._cache = None, 0, {}
         for cached_step in steps:
             batches, num_items_in_batch = self._epoch_steps[cached_step]
             self.current_gradient_accumulation_steps = len(batches)
@@ -227,9 +309,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
                 (torch.zeros_like(p, dtype=torch.float32) if g is None else g).reshape(-1)
                 for p, g in zip(optimizer.snapshot_parameters, gradient)]))
             self._cache[cached_step] = flat
-            shape = (len(batches), *map(_batch_size, batches))
-            full_shape = full_shape or shape
-            if refresh and shape == full_shape:
+            if refresh and cached_step - step < self._full_steps():
                 total = flat.clone() if total is None else total.add_(flat)
                 full_steps += 1
         self.current_gradient_accumulation_steps = trainer_accumulation
@@ -292,8 +372,26 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
 
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
-        self._steps_per_epoch = max(math.ceil(len(dataloader) / self.args.gradient_accumulation_steps), 1)
+        accumulation = self.args.gradient_accumulation_steps
+        self._steps_per_epoch = max(math.ceil(len(dataloader) / accumulation), 1)
+        every = self.alpha_svrg.snapshot_every
+        if every != "epoch" and every > self._steps_per_epoch:
+            raise ValueError(f"AlphaSVRGConfig(snapshot_every={every}) is longer than an epoch "
+                             f"({self._steps_per_epoch} optimizer steps): intervals span at most one epoch (the "
+                             "official code silently treats longer ones as one epoch); use snapshot_every='epoch'")
+        examples = getattr(dataloader, "total_dataset_length", None) or len(dataloader.dataset)
+        global_batch = (getattr(dataloader, "total_batch_size", None)
+                        or dataloader.batch_size * self.accelerator.num_processes) * accumulation
+        self._full_steps_per_epoch = examples // global_batch
+        if self._full_steps_per_epoch == 0:
+            raise ValueError(f"alpha-SVRG computes mu over the epoch's full optimizer steps, and {examples} training "
+                             f"examples make none of the global batch {global_batch} (per-device batch x processes "
+                             "x gradient accumulation): use a smaller batch")
         return dataloader
+
+    def _full_steps(self) -> int:
+        self._update_steps_per_epoch()
+        return self._full_steps_per_epoch
 
     def _update_steps_per_epoch(self) -> int:
         if self._steps_per_epoch is None:

@@ -22,17 +22,25 @@ def parameters(trainer):
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
 
-def test_cache_mode_equals_snapshot_mode_bit_for_bit(tmp_path):
-    """Without dropout, caching the epoch's snapshot gradients changes the cost, not the result: same mu (over the
-    full batches, here with a short last batch) and the same per-step gradients, over three epochs of alpha."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_cache_mode_equals_snapshot_mode(tmp_path, accumulation):
+    """Without dropout, caching the epoch's snapshot gradients changes the cost, not the result: the same mu (over
+    the full steps, here with a short last step) and the same per-step gradients, over three epochs of alpha. Bit for
+    bit at gradient accumulation 1; under accumulation mu is summed in another order (micro-batch gradients over the
+    epoch, against per-step sums of gradients divided by the accumulation): rounding apart (7e-9 in the weights here),
+    as are the two official modes."""
     results = {}
     for mode in ("snapshot", "cache"):
-        trainer = build_trainer(VIT, tmp_path / mode, max_steps=-1, num_train_epochs=3, dataset_size=36, **SGD,
+        trainer = build_trainer(VIT, tmp_path / mode, max_steps=-1, num_train_epochs=3, dataset_size=36,
+                                batch_size=8 // accumulation, gradient_accumulation_steps=accumulation, **SGD,
                                 trainer_init_kwargs={"alpha_svrg": {"alpha0": 0.75, "mode": mode}})
         trainer.train()
         results[mode] = parameters(trainer)
     assert trainer._cache == {}, "cached gradients are released once used"
-    assert all(torch.equal(results["snapshot"][k], results["cache"][k]) for k in results["cache"])
+    if accumulation == 1:
+        assert all(torch.equal(results["snapshot"][k], results["cache"][k]) for k in results["cache"])
+    for key in results["cache"]:
+        torch.testing.assert_close(results["snapshot"][key], results["cache"][key], atol=1e-6, rtol=0)
 
 
 def test_cache_mode_with_gradient_accumulation_matches_the_whole_batch(tmp_path):
