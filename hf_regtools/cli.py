@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import signal
 import sys
 import threading
@@ -200,9 +199,8 @@ def _select(args: argparse.Namespace) -> int:
     result = initialize_student(args.teacher, args.student, revision=args.revision, hidden_size=args.hidden_size,
                                 depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim,
                                 num_labels=args.num_labels, config=config)
-    card_options = {"repo_id": push_id} if "repo_id" in inspect.signature(result.save).parameters else {}
     try:
-        result.save(output, overwrite=args.overwrite, **card_options)
+        result.save(output, overwrite=args.overwrite, repo_id=push_id)
     except FileExistsError as error:
         raise _output_exists(output) from error
     print(result.report)
