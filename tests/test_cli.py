@@ -161,22 +161,14 @@ def test_push_to_own_namespace_and_failures_without_status(tmp_path, teacher, fa
     assert sorted(p.name for p in (tmp_path / "dropped").iterdir()) == OUTPUT_FILES
 
 
-def test_card_is_given_the_pushed_repo_id(tmp_path, teacher, fake_hub, monkeypatch, capsys):
-    from hf_regtools.weight_selection import SelectedStudent
-
-    saved_with = []
-    real_save = SelectedStudent.save
-
-    def save(self, output_dir, *, overwrite=False, repo_id=None):
-        saved_with.append(repo_id)
-        return real_save(self, output_dir, overwrite=overwrite)
-
-    monkeypatch.setattr(SelectedStudent, "save", save)
+def test_card_names_the_pushed_repo(tmp_path, teacher, fake_hub, capsys):
     name = f"student-{uuid.uuid4().hex[:8]}"
     assert cli.main(select(teacher, tmp_path / "pushed", "--push-to-hub", name)) == 0
     assert cli.main(select(teacher, tmp_path / "local")) == 0
-    assert saved_with == [f"{fake_hub.user}/{name}", None]
     assert f"pushed to {fake_hub.user}/{name}" in capsys.readouterr().out
+    pushed_card = (tmp_path / "pushed" / "README.md").read_text()
+    assert f"{fake_hub.user}/{name}" in pushed_card and "<this repo>" not in pushed_card
+    assert "<this repo>" in (tmp_path / "local" / "README.md").read_text()
 
 
 def _run_until_saved(tmp_path, argv, env):
