@@ -201,9 +201,14 @@ def with_metadata(config: TimmModelConfig, **metadata: Any) -> TimmModelConfig:
 def save(model: torch.nn.Module, folder: str | Path) -> None:
     """Write `model.safetensors` and a timm `config.json` that `timm.create_model("hf-hub:...")` rebuilds."""
     save_for_hf(model, str(folder), safe_serialization=True)
-    config = json.loads((Path(folder) / "config.json").read_text())
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
     if "model_args" not in config:
         raise RuntimeError("timm did not record the model arguments; cannot export a rebuildable config")
+    # The classes are recorded as the config's `num_classes`, which timm and transformers' TimmWrapper both read;
+    # a second copy in `model_args` makes TimmWrapper pass `num_classes` twice.
+    if config["model_args"].pop("num_classes", None) is not None:
+        config_file.write_text(json.dumps(config, indent=4, sort_keys=False))
 
 
 def hub_id_of(name: str) -> str | None:

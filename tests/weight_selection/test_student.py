@@ -313,3 +313,22 @@ def test_card_license_and_usage_name_the_repo(tmp_path):
     timm_result = initialize_student(saved(timm_vit(), tmp_path / "timm_t"), hidden_size=8, depth=1)
     card = ModelCard.load(timm_result.save(tmp_path / "timm_s", repo_id="org/timm-named") / "README.md")
     assert 'timm.create_model("hf-hub:org/timm-named", pretrained=True)' in card.text
+
+
+@pytest.mark.parametrize("build", [timm_vit, timm_convnext])
+def test_timm_student_loads_in_transformers_timm_wrapper(build, tmp_path):
+    """A timm student is fine-tuned by transformers' scripts through `AutoModelForImageClassification` (TimmWrapper);
+    `num_classes` recorded twice in its config made that fail."""
+    from transformers import AutoModelForImageClassification
+
+    torch.manual_seed(0)
+    save_model(build(), tmp_path / "teacher")
+    student = initialize_student(tmp_path / "teacher", hidden_size=8 if build is timm_vit else (4, 8, 16, 32),
+                                 depth=2 if build is timm_vit else (1, 1, 2, 1), num_labels=5)
+    student.save(tmp_path / "student")
+    wrapped = AutoModelForImageClassification.from_pretrained(tmp_path / "student").eval()
+    assert wrapped.config.num_labels == 5
+    side = 16 if build is timm_vit else 32
+    pixels = torch.randn(2, 3, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(pixel_values=pixels).logits, student.model.eval()(pixels))
