@@ -30,7 +30,7 @@ def test_cutoff_units(tmp_path):
     fraction = LateDropoutCallback(p=0.2, cutoff_fraction=0.25)
     trainer = build_trainer(VIT, tmp_path, max_steps=8, batch_size=8, callbacks=[epochs, fraction])
     trainer.train()
-    assert epochs.steps_per_epoch == 8 and epochs.cutoff_step == 4  # 64 samples / batch 8
+    assert epochs.steps_per_epoch == 8 and epochs.cutoff_step == 4  # 60 samples / batch 8: 7 full batches and 1 of 4
     assert fraction.cutoff_step == 2
     assert trainer.model.vit.embeddings.dropout.p in (0.0, 0.2)
 
