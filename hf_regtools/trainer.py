@@ -8,7 +8,8 @@ hooks:
   mixin, callbacks add them in `on_log`, which reporters have already run before.)
 - `save_model`: checkpoints (`checkpoint-*` folders) are written in the model's own key layout, so that resuming
   restores them under transformers 5 (`hf_regtools._compat.checkpoints_in_model_layout`); the final model and
-  `push_to_hub` keep the original layout for the Hub.
+  `push_to_hub` keep the original layout for the Hub. Without the mixin, an hf_regtools callback warns when a run
+  resumes a model whose checkpoints it would not restore (transformers 5 ViT, DeiT, Swin).
 - `create_model_card` (also run by `push_to_hub`): the card gets the tag `hf-regtools`, one tag per technique and a
   section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`).
 
@@ -18,11 +19,36 @@ Techniques that need the batch, the loss or an extra forward/backward (alpha-SVR
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ._compat import checkpoints_in_model_layout
+from ._compat import checkpoint_layout_differs, checkpoints_in_model_layout
+
+_TRAINING_WITH_MIXIN: ContextVar[bool] = ContextVar("hf_regtools_training_with_mixin", default=False)
+_checked_run: weakref.ref | None = None  # the TrainerState of the run `warn_if_resume_is_inexact` checked last
+
+RESUME_WARNING = (
+    "Resuming {model} without RegtoolsTrainerMixin is not exact with this transformers version: its checkpoints hold "
+    "another key layout than the model and the Trainer restores none of the renamed weights "
+    "(huggingface/transformers#43701); train with `class MyTrainer(RegtoolsTrainerMixin, Trainer)` from the first run."
+)
+
+
+def warn_if_resume_is_inexact(state, model) -> None:
+    """Warn once per run when training resumes (`global_step > 0` at its first epoch) without `RegtoolsTrainerMixin`
+    on a model whose checkpoints the Trainer would not restore (`hf_regtools._compat.checkpoint_layout_differs`)."""
+    global _checked_run
+    if _checked_run is not None and _checked_run() is state:
+        return
+    _checked_run = weakref.ref(state)
+    if state.global_step > 0 and model is not None and not _TRAINING_WITH_MIXIN.get() and \
+            checkpoint_layout_differs(model):
+        warnings.warn(RESUME_WARNING.format(model=type(model).__name__), UserWarning, stacklevel=3)
 
 
 class TechniqueMetricsCallback(TrainerCallback):
@@ -35,6 +61,9 @@ class TechniqueMetricsCallback(TrainerCallback):
     def metrics(self) -> dict[str, float]:
         return {}
 
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        warn_if_resume_is_inexact(state, model)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = self.metrics()
         if logs is None or not metrics:
@@ -46,8 +75,21 @@ class TechniqueMetricsCallback(TrainerCallback):
             latest.setdefault(name, value)
 
 
+@contextmanager
+def _training_with_mixin():
+    token = _TRAINING_WITH_MIXIN.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_WITH_MIXIN.reset(token)
+
+
 class RegtoolsTrainerMixin:
     """Mixin for `transformers.Trainer` subclasses; see the module docstring."""
+
+    def train(self, *args, **kwargs):
+        with _training_with_mixin():
+            return super().train(*args, **kwargs)
 
     def technique_metrics(self) -> dict[str, float]:
         metrics = {}
