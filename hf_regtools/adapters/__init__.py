@@ -36,6 +36,10 @@ class ModelFamily:
             axes are channels, e.g. transformers ConvNeXt-V2's GRN parameters of shape `(1, 1, 1, C)`).
         head_dropout (`str`, *optional*): regex of the classifier-head dropout module's name.
         attention_dropout (`tuple[str, ...]`): float attributes holding an attention dropout rate.
+        no_weight_decay (`tuple[str, ...]`): regexes of parameters the papers' recipes keep out of weight decay beyond
+            every 1-D parameter and bias: what timm's `model.no_weight_decay()` lists, for the families whose library
+            has no such method (transformers: class and distillation tokens, position embeddings, relative position
+            bias tables; ConvNeXt-V2's GRN weight, 1-D in timm).
         unsupported (`dict[str, str]`): technique name -> why the technique does not apply to this family.
     """
 
@@ -50,6 +54,7 @@ class ModelFamily:
     not_kernels: tuple[str, ...] = ()
     head_dropout: str | None = None
     attention_dropout: tuple[str, ...] = ()
+    no_weight_decay: tuple[str, ...] = ()
     unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -109,6 +114,7 @@ _TRANSFORMERS_SWIN = ModelFamily(
     signature=(_TRANSFORMERS_STAGE_BLOCK + r"attention\.(self|relative_position_bias)\.relative_position_bias_table$",),
     classifier=("classifier.",),
     attention_dropout=("attention_dropout",),
+    no_weight_decay=(r"(^|\.)embeddings\.position_embeddings$", r"\.relative_position_bias_table$"),
     unsupported={"weight_selection": _SWIN_NOT_SELECTABLE},
 )
 _TRANSFORMERS_VIT = ModelFamily(
@@ -118,6 +124,7 @@ _TRANSFORMERS_VIT = ModelFamily(
     classifier=("classifier.",),
     token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
     attention_dropout=("attention_dropout", "dropout_prob"),
+    no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings)$",),
 )
 _TRANSFORMERS_CONVNEXT = ModelFamily(
     library="transformers", name="convnext", layout="hierarchical",
@@ -136,10 +143,12 @@ FAMILIES: tuple[ModelFamily, ...] = (
     _TRANSFORMERS_VIT,
     replace(_TRANSFORMERS_VIT, name="deit", exclude=(),
             signature=(*_TRANSFORMERS_VIT.signature, r"(^|\.)embeddings\.distillation_token$"),
-            classifier=("cls_classifier.", "distillation_classifier.", "classifier.")),
+            classifier=("cls_classifier.", "distillation_classifier.", "classifier."),
+            no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings|distillation_token)$",)),
     _TRANSFORMERS_CONVNEXT,
     replace(_TRANSFORMERS_CONVNEXT, name="convnextv2", exclude=(),
-            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",)),
+            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",),
+            no_weight_decay=(r"\.grn\.weight$",)),
     _TRANSFORMERS_SWIN,
 )
 
