@@ -139,3 +139,17 @@ def test_resume_without_the_mixin_warns_where_it_is_inexact(tmp_path):
 
     assert _resume(tmp_path / "mixin", MixinTrainer) == ([], [], True)
     assert _resume(tmp_path / "timm", Trainer, "timm_wrapped_vit") == ([], [], True)  # a layout 5.x keeps
+
+
+def test_cutoff_zero_is_the_official_all_off_early_and_all_on_late_schedule(tmp_path):
+    early, late = EarlyDropoutCallback(p=0.2, cutoff_epochs=0), LateStochasticDepthCallback(p=0.4, cutoff_steps=0)
+    case = {"model": "transformers_swin", "callbacks": [], "deterministic": False}
+    trainer = build_trainer(case, tmp_path, max_steps=2, callbacks=[early, late])
+    blocks = [block for stage in trainer.model.swin.encoder.layers for block in stage.blocks]
+    seen = []
+    hook = blocks[-1].drop_path.register_forward_pre_hook(
+        lambda module, args: seen.append((trainer.model.swin.embeddings.dropout.p, module.drop_prob)))
+    trainer.train()
+    hook.remove()
+    assert early.cutoff_step == late.cutoff_step == 0
+    assert seen == [(0.0, pytest.approx(0.4))] * 2
