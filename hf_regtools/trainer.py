@@ -11,7 +11,9 @@ hooks:
   `push_to_hub` keep the original layout for the Hub. Without the mixin, an hf_regtools callback warns when a run
   resumes a model whose checkpoints it would not restore (transformers 5 ViT, DeiT, Swin).
 - `create_model_card` (also run by `push_to_hub`): the card gets the tag `hf-regtools`, one tag per technique and a
-  section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`).
+  section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`). A model
+  without `config` (a user module holding a timm model) can be pushed too: transformers' card summary reads
+  `model.config`, which it gets, empty, while the card is written.
 
 Techniques that need the batch, the loss or an extra forward/backward (alpha-SVRG) subclass this mixin.
 """
@@ -24,6 +26,7 @@ import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import TrainerCallback
 
@@ -84,6 +87,20 @@ def _training_with_mixin():
         _TRAINING_WITH_MIXIN.reset(token)
 
 
+@contextmanager
+def _config_for_model_card(model):
+    """An empty `model.config` within the block for a model without one: `TrainingSummary.from_trainer` (4.57 and 5.x)
+    reads `trainer.model.config`, so `Trainer.push_to_hub` fails for a plain module otherwise."""
+    if model is None or hasattr(model, "config"):
+        yield
+        return
+    model.config = SimpleNamespace()
+    try:
+        yield
+    finally:
+        del model.config
+
+
 class RegtoolsTrainerMixin:
     """Mixin for `transformers.Trainer` subclasses; see the module docstring."""
 
@@ -115,7 +132,8 @@ class RegtoolsTrainerMixin:
                 if callable(getattr(callback, "technique_use", None))]
 
     def create_model_card(self, *args, **kwargs) -> None:
-        super().create_model_card(*args, **kwargs)
+        with _config_for_model_card(self.model):
+            super().create_model_card(*args, **kwargs)
         card = os.path.join(self.args.output_dir, "README.md")
         uses = self.technique_uses()
         if uses and self.is_world_process_zero() and os.path.isfile(card):
