@@ -139,3 +139,22 @@ def test_weight_selection_between_wrapped_timm_models():
     for key, value in plain.state_dict().items():
         if key not in report.skipped:
             assert torch.equal(student.timm_model.state_dict()[key], value), key
+
+
+def test_initialize_student_from_wrapped_timm_models(tmp_path):
+    import timm
+
+    from hf_regtools.weight_selection import initialize_student
+
+    torch.manual_seed(0)
+    teacher = timm_wrapped_vit()
+    built = initialize_student(teacher, hidden_size=8, depth=2)
+    given = timm_wrapped_vit(embed_dim=8, depth=2, num_heads=1)
+    result = initialize_student(TimmClassifier(teacher), given)
+    assert result.library == built.library == "timm" and result.model is given.timm_model
+    for key, value in built.model.state_dict().items():
+        if key not in built.report.skipped:
+            assert torch.equal(result.model.state_dict()[key], value), key
+    result.save(tmp_path / "student")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'student'}", pretrained=True)
+    assert torch.equal(reloaded.blocks[1].attn.qkv.weight, given.timm_model.blocks[1].attn.qkv.weight)

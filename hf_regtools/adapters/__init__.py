@@ -173,6 +173,8 @@ def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str =
         `UnsupportedModelError`: no or several families match, or `technique` does not support the family; the
             message names the model and lists the supported families.
     """
+    import torch
+
     if isinstance(model_or_keys, torch.nn.Module):
         return find_supported_model(model_or_keys, role=role, technique=technique, name=name).family
     keys = list(model_or_keys)

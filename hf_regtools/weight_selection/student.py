@@ -11,8 +11,8 @@ import torch
 
 from .. import hub
 from .._io import atomic_directory
-from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, detect_family, library_adapter,
-                        library_of, preset_shape)
+from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, detect_family,
+                        find_supported_model, library_adapter, library_of, preset_shape)
 from ..checkpoint import CheckpointReader
 from .config import WeightSelectionConfig
 from .functional import SelectionReport, select_weights
@@ -92,6 +92,7 @@ def initialize_student(
     overrides = StudentShape(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
 
     if isinstance(teacher, torch.nn.Module):
+        teacher = find_supported_model(teacher, role="teacher", technique="weight_selection").module
         teacher_weights, library = teacher, library_of(teacher)
         teacher_name, teacher_revision, on_hub = _module_name(teacher), None, False
         teacher_config = _config_of_module(teacher, library)
@@ -126,7 +127,8 @@ def _build_student(student, overrides: StudentShape, num_labels, family: ModelFa
         if not overrides.is_empty() or num_labels is not None:
             raise ValueError("architecture overrides and num_labels apply when the student is built here, not to a "
                              "given student model")
-        return student, type(student).__name__
+        return find_supported_model(student, role="student", technique="weight_selection").module, \
+            type(student).__name__
     adapter = library_adapter(library)
     shape, source, base_config = overrides, "teacher config with overrides", teacher_config
     if isinstance(student, StudentShape):
