@@ -3,6 +3,8 @@
 A `ModelFamily` knows, from the state-dict key names alone, where the classifier, the fused qkv projections and
 the positional embeddings of a family live, and which techniques do not apply to it. The library-specific modules
 (`adapters.timm`, `adapters.transformers`) know how to read configs and build models of that family.
+`find_supported_model` finds the model of a supported family inside the wrappers a Trainer or a user puts around it;
+every per-family use of a module goes through it.
 """
 
 from __future__ import annotations

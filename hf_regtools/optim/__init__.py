@@ -59,7 +59,8 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> li
     """Optimizer parameter groups as in the papers' code: no weight decay for 1-D parameters, biases and
     `no_weight_decay_names(model)`; `weight_decay` for the rest. Frozen parameters are left out.
 
-    Built on `timm.optim.param_groups_weight_decay`. With the Trainer, use `PaperWeightDecayMixin`, or pass the groups
+    Built on `timm.optim.param_groups_weight_decay`, which also exempts 0-D parameters (the official `len(shape) == 1`
+    decays them; no supported family has one). With the Trainer, use `PaperWeightDecayMixin`, or pass the groups
     through `optimizer_cls_and_kwargs` (the Trainer takes `"params"` from the keyword arguments, in place of its own
     groups; `weight_decay` then comes from the groups, not from `TrainingArguments`):
 
