@@ -85,6 +85,25 @@ def checkpoints_in_model_layout(model: torch.nn.Module):
         del model.save_pretrained
 
 
+def checkpoint_layout_differs(model: torch.nn.Module) -> bool:
+    """Whether the Trainer's checkpoints of `model` name its tensors differently from `model.state_dict()`.
+
+    Then a resume that loads them with a plain `load_state_dict` (transformers 5, huggingface/transformers#43701)
+    restores none of the renamed tensors, unless the checkpoints were written by `checkpoints_in_model_layout`. Only
+    transformers 5 models with a key conversion are affected (ViT, DeiT, Swin; not ConvNeXt or the timm wrapper);
+    4.57 and modules without `save_pretrained` (saved as their own state dict) are not.
+    """
+    save = getattr(model, "save_pretrained", None)
+    if save is None or "save_original_format" not in inspect.signature(save).parameters:
+        return False
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return True
+    state = model.state_dict()
+    return set(revert_weight_conversion(model, dict(state))) != set(state)
+
+
 def trainer_divides_loss_by_ga(trainer, num_items_in_batch) -> bool:
     """Whether `Trainer.training_step` divides this micro-batch's loss by the accumulation steps (4.57 and 5.x)."""
     scaled = getattr(trainer, "loss_is_scaled_for_ga", None)

@@ -138,6 +138,20 @@ register(
                                    {"p": 0.5, "cutoff_steps": 2})],
                     "deterministic": False,
                 },
+                "early_dropout_timm_vit": {
+                    "model": "timm_wrapped_vit",
+                    "model_kwargs": {"proj_drop_rate": 0.2, "attn_drop_rate": 0.2},
+                    "callbacks": [("hf_regtools.dropout_schedules:EarlyDropoutCallback",
+                                   {"p": 0.3, "cutoff_steps": 3})],
+                    "deterministic": False,
+                },
+                "late_stochastic_depth_timm_convnext": {
+                    "model": "timm_convnext_classifier",
+                    "model_kwargs": {},
+                    "callbacks": [("hf_regtools.dropout_schedules:LateStochasticDepthCallback",
+                                   {"p": 0.5, "cutoff_steps": 2})],
+                    "deterministic": False,
+                },
             },
         },
     )

@@ -23,6 +23,8 @@ def drop_schedule(step: int, *, p: float, cutoff_step: int, mode: str = "early",
       exactly 0), then 0;
     - `"late"` (constant only): 0 before `cutoff_step`, then `p`.
 
+    `cutoff_step=0` gives the official all-0 (early) and all-`p` (late) schedules.
+
     Example:
 
     ```python
@@ -65,8 +67,9 @@ def _validate(p: float, cutoff_step: int, mode: str, schedule: str) -> None:
         raise ValueError("late mode has only the constant schedule (as in the official code)")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"rate p must be in [0, 1), got {p}")
-    if mode != "standard" and cutoff_step < 1:
-        raise ValueError(f"cutoff_step must be at least 1 for mode {mode!r}, got {cutoff_step}")
+    if mode != "standard" and cutoff_step < 0:
+        raise ValueError(f"cutoff_step must be >= 0 for mode {mode!r} (0: early is off, late is on from the start, "
+                         f"as in the official drop_scheduler), got {cutoff_step}")
 
 
 SVRG_KINDS = ("linear", "constant")

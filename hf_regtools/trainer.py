@@ -8,9 +8,12 @@ hooks:
   mixin, callbacks add them in `on_log`, which reporters have already run before.)
 - `save_model`: checkpoints (`checkpoint-*` folders) are written in the model's own key layout, so that resuming
   restores them under transformers 5 (`hf_regtools._compat.checkpoints_in_model_layout`); the final model and
-  `push_to_hub` keep the original layout for the Hub.
+  `push_to_hub` keep the original layout for the Hub. Without the mixin, an hf_regtools callback warns when a run
+  resumes a model whose checkpoints it would not restore (transformers 5 ViT, DeiT, Swin).
 - `create_model_card` (also run by `push_to_hub`): the card gets the tag `hf-regtools`, one tag per technique and a
-  section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`).
+  section listing each technique with its settings and paper (`hf_regtools.hub.add_techniques_to_card`). A model
+  without `config` (a user module holding a timm model) can be pushed too: transformers' card summary reads
+  `model.config`, which it gets, empty, while the card is written.
 
 Techniques that need the batch, the loss or an extra forward/backward (alpha-SVRG) subclass this mixin.
 """
@@ -18,11 +21,37 @@ Techniques that need the batch, the loss or an extra forward/backward (alpha-SVR
 from __future__ import annotations
 
 import os
+import warnings
+import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
+from types import SimpleNamespace
 
 from transformers import TrainerCallback
 
-from ._compat import checkpoints_in_model_layout
+from ._compat import checkpoint_layout_differs, checkpoints_in_model_layout
+
+_TRAINING_WITH_MIXIN: ContextVar[bool] = ContextVar("hf_regtools_training_with_mixin", default=False)
+_checked_run: weakref.ref | None = None  # the TrainerState of the run `warn_if_resume_is_inexact` checked last
+
+RESUME_WARNING = (
+    "Resuming {model} without RegtoolsTrainerMixin is not exact with this transformers version: its checkpoints hold "
+    "another key layout than the model and the Trainer restores none of the renamed weights "
+    "(huggingface/transformers#43701); train with `class MyTrainer(RegtoolsTrainerMixin, Trainer)` from the first run."
+)
+
+
+def warn_if_resume_is_inexact(state, model) -> None:
+    """Warn once per run when training resumes (`global_step > 0` at its first epoch) without `RegtoolsTrainerMixin`
+    on a model whose checkpoints the Trainer would not restore (`hf_regtools._compat.checkpoint_layout_differs`)."""
+    global _checked_run
+    if _checked_run is not None and _checked_run() is state:
+        return
+    _checked_run = weakref.ref(state)
+    if state.global_step > 0 and model is not None and not _TRAINING_WITH_MIXIN.get() and \
+            checkpoint_layout_differs(model):
+        warnings.warn(RESUME_WARNING.format(model=type(model).__name__), UserWarning, stacklevel=3)
 
 
 class TechniqueMetricsCallback(TrainerCallback):
@@ -35,6 +64,9 @@ class TechniqueMetricsCallback(TrainerCallback):
     def metrics(self) -> dict[str, float]:
         return {}
 
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        warn_if_resume_is_inexact(state, model)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = self.metrics()
         if logs is None or not metrics:
@@ -46,8 +78,35 @@ class TechniqueMetricsCallback(TrainerCallback):
             latest.setdefault(name, value)
 
 
+@contextmanager
+def _training_with_mixin():
+    token = _TRAINING_WITH_MIXIN.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_WITH_MIXIN.reset(token)
+
+
+@contextmanager
+def _config_for_model_card(model):
+    """An empty `model.config` within the block for a model without one: `TrainingSummary.from_trainer` (4.57 and 5.x)
+    reads `trainer.model.config`, so `Trainer.push_to_hub` fails for a plain module otherwise."""
+    if model is None or hasattr(model, "config"):
+        yield
+        return
+    model.config = SimpleNamespace()
+    try:
+        yield
+    finally:
+        del model.config
+
+
 class RegtoolsTrainerMixin:
     """Mixin for `transformers.Trainer` subclasses; see the module docstring."""
+
+    def train(self, *args, **kwargs):
+        with _training_with_mixin():
+            return super().train(*args, **kwargs)
 
     def technique_metrics(self) -> dict[str, float]:
         metrics = {}
@@ -73,7 +132,8 @@ class RegtoolsTrainerMixin:
                 if callable(getattr(callback, "technique_use", None))]
 
     def create_model_card(self, *args, **kwargs) -> None:
-        super().create_model_card(*args, **kwargs)
+        with _config_for_model_card(self.model):
+            super().create_model_card(*args, **kwargs)
         card = os.path.join(self.args.output_dir, "README.md")
         uses = self.technique_uses()
         if uses and self.is_world_process_zero() and os.path.isfile(card):

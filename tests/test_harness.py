@@ -62,9 +62,10 @@ def test_train_twice_with_the_same_objects(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASES)
 def test_resume_equals_uninterrupted_run(case, tmp_path):
-    full = build_trainer(case, tmp_path / "full", max_steps=4, save_steps=1)
+    # 20 examples in batches of 8: the epoch ends at step 3 with a batch of 4, so the resumed run crosses it
+    full = build_trainer(case, tmp_path / "full", max_steps=4, save_steps=1, dataset_size=20)
     full.train()
-    resumed = build_trainer(case, tmp_path / "resumed", max_steps=4, save_steps=1)
+    resumed = build_trainer(case, tmp_path / "resumed", max_steps=4, save_steps=1, dataset_size=20)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
 
     assert_equal_tensors(parameters(full.model), parameters(resumed.model))
@@ -88,11 +89,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+# Not a multiple of the global batch (8), so each epoch ends with a smaller batch: full-data passes (alpha-SVRG's mu) see
+# it; the 3 training steps stop before it (Accelerate pads each process's share of it with wrapped-around examples, so
+# even plain training differs between 1 and 2 processes on that step).
+LAUNCH_DATASET_SIZE = 28
+
+
 def launch(technique, name, out, processes, batch):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_port", str(free_port()), "-m", "hf_regtools.testing.harness", technique, name,
-               str(out), "--steps", "3", "--batch", str(batch)]
+               str(out), "--steps", "3", "--batch", str(batch), "--dataset-size", str(LAUNCH_DATASET_SIZE)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(out / f"rank{i}.pt") for i in range(processes)]

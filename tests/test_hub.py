@@ -294,8 +294,8 @@ def _config_only_teachers(tmp_path):
 def test_unsupported_families_are_named(tmp_path):
     """Issue 7: unsupported teachers were described by their state-dict keys."""
     for name, folder in _config_only_teachers(tmp_path).items():
-        with pytest.raises(UnsupportedModelError, match=f"{name} is not a supported family for weight selection; "
-                                                        "supported: timm vit, "):
+        message = f"the teacher ({name}) is not of a supported family for weight selection. Supported: timm vit, "
+        with pytest.raises(UnsupportedModelError, match=re.escape(message)):
             initialize_student(folder, hidden_size=8)
 
 
@@ -309,7 +309,7 @@ def test_cli_reports_mistyped_paths_unsupported_families_and_bad_students(tmp_pa
                          ["select", str(tmp_path / "teacher"), "--student", "org/no-such-student", *out]], hub_env)
     assert codes == [2, 2, 2, 2], err
     assert f"no folder '{tmp_path / 'teachr'}' exists" in err and "Did you mean" in err
-    assert "timm resnet18 is not a supported family for weight selection" in err
-    assert "transformers bert is not a supported family for weight selection" in err
+    assert "(timm resnet18) is not of a supported family for weight selection" in err
+    assert "(transformers bert) is not of a supported family for weight selection" in err
     assert "the student 'org/no-such-student'" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()

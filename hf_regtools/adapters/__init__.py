@@ -3,6 +3,8 @@
 A `ModelFamily` knows, from the state-dict key names alone, where the classifier, the fused qkv projections and
 the positional embeddings of a family live, and which techniques do not apply to it. The library-specific modules
 (`adapters.timm`, `adapters.transformers`) know how to read configs and build models of that family.
+`find_supported_model` finds the model of a supported family inside the wrappers a Trainer or a user puts around it;
+every per-family use of a module goes through it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class ModelFamily:
             axes are channels, e.g. transformers ConvNeXt-V2's GRN parameters of shape `(1, 1, 1, C)`).
         head_dropout (`str`, *optional*): regex of the classifier-head dropout module's name.
         attention_dropout (`tuple[str, ...]`): float attributes holding an attention dropout rate.
+        no_weight_decay (`tuple[str, ...]`): regexes of parameters the papers' recipes keep out of weight decay beyond
+            every 1-D parameter and bias: what timm's `model.no_weight_decay()` lists, for the families whose library
+            has no such method (transformers: class and distillation tokens, position embeddings, relative position
+            bias tables; ConvNeXt-V2's GRN weight, 1-D in timm).
         unsupported (`dict[str, str]`): technique name -> why the technique does not apply to this family.
     """
 
@@ -52,6 +58,7 @@ class ModelFamily:
     not_kernels: tuple[str, ...] = ()
     head_dropout: str | None = None
     attention_dropout: tuple[str, ...] = ()
+    no_weight_decay: tuple[str, ...] = ()
     unsupported: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -111,6 +118,7 @@ _TRANSFORMERS_SWIN = ModelFamily(
     signature=(_TRANSFORMERS_STAGE_BLOCK + r"attention\.(self|relative_position_bias)\.relative_position_bias_table$",),
     classifier=("classifier.",),
     attention_dropout=("attention_dropout",),
+    no_weight_decay=(r"(^|\.)embeddings\.position_embeddings$", r"\.relative_position_bias_table$"),
     unsupported={"weight_selection": _SWIN_NOT_SELECTABLE},
 )
 _TRANSFORMERS_VIT = ModelFamily(
@@ -120,6 +128,7 @@ _TRANSFORMERS_VIT = ModelFamily(
     classifier=("classifier.",),
     token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
     attention_dropout=("attention_dropout", "dropout_prob"),
+    no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings)$",),
 )
 _TRANSFORMERS_CONVNEXT = ModelFamily(
     library="transformers", name="convnext", layout="hierarchical",
@@ -138,10 +147,12 @@ FAMILIES: tuple[ModelFamily, ...] = (
     _TRANSFORMERS_VIT,
     replace(_TRANSFORMERS_VIT, name="deit", exclude=(),
             signature=(*_TRANSFORMERS_VIT.signature, r"(^|\.)embeddings\.distillation_token$"),
-            classifier=("cls_classifier.", "distillation_classifier.", "classifier.")),
+            classifier=("cls_classifier.", "distillation_classifier.", "classifier."),
+            no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings|distillation_token)$",)),
     _TRANSFORMERS_CONVNEXT,
     replace(_TRANSFORMERS_CONVNEXT, name="convnextv2", exclude=(),
-            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",)),
+            signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",),
+            no_weight_decay=(r"\.grn\.weight$",)),
     _TRANSFORMERS_SWIN,
 )
 
@@ -153,37 +164,136 @@ def supported_families(technique: str | None = None) -> list[str]:
 
 def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model",
                   technique: str | None = None, name: str | None = None) -> ModelFamily:
-    """The `ModelFamily` of a module or of the keys of a state dict.
+    """The `ModelFamily` of a module (found inside wrappers, see `find_supported_model`) or of state-dict keys.
 
     Args:
         model_or_keys (`nn.Module` or `Iterable[str]`): a model, or the keys of its state dict or checkpoint.
         role (`str`, *optional*, defaults to `"model"`): what the model is, for error messages (`"teacher"`, ...).
         technique (`str`, *optional*): also require that this technique supports the family.
-        name (`str`, *optional*): what the model is by name (e.g. `"timm resnet18"`, `"transformers bert"`), used in
-            the error message instead of its state-dict keys.
+        name (`str`, *optional*): what the model is called in error messages (`"timm resnet18"`, `"transformers
+            bert"`, a checkpoint path). Derived from a module when not given.
 
     Raises:
         `UnsupportedModelError`: no or several families match, or `technique` does not support the family; the
-            message lists the supported ones.
+            message names the model and lists the supported families.
     """
     import torch
 
-    keys = list(model_or_keys.state_dict() if isinstance(model_or_keys, torch.nn.Module) else model_or_keys)
+    if isinstance(model_or_keys, torch.nn.Module):
+        return find_supported_model(model_or_keys, role=role, technique=technique, name=name).family
+    keys = list(model_or_keys)
     found = [family for family in FAMILIES if family.matches(keys)]
-    supported = ", ".join(supported_families(technique))
-    if len(found) != 1 and name is not None:
-        purpose = f" for {technique.replace('_', ' ')}" if technique else ""
-        raise UnsupportedModelError(f"the {role}: {name} is not a supported family{purpose}; supported: {supported}.")
     if len(found) != 1:
-        sample = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
-        raise UnsupportedModelError(
-            f"the {role} is not of a supported family (keys: {sample}). Supported: {supported}."
-        )
-    family = found[0]
+        hint = ", ".join(keys[:4]) + (", ..." if len(keys) > 4 else "")
+        _raise_unsupported(role, name, technique, hint=f"keys: {hint}")
+    return _check_technique(found[0], role, technique)
+
+
+def _raise_unsupported(role: str, name: str | None, technique: str | None, *, hint: str | None = None):
+    described = f" ({name})" if name else ""
+    hint = f" ({hint})" if hint and not name else ""
+    purpose = f" for {technique.replace('_', ' ')}" if technique else ""
+    raise UnsupportedModelError(f"the {role}{described} is not of a supported family{purpose}{hint}. "
+                                f"Supported: {', '.join(supported_families(technique))}.")
+
+
+def _check_technique(family: ModelFamily, role: str, technique: str | None) -> ModelFamily:
     if technique in family.unsupported:
         raise UnsupportedModelError(f"{technique.replace('_', ' ')} does not support the {role}'s family, "
-                                    f"{family.label}: {family.unsupported[technique]} Supported: {supported}.")
+                                    f"{family.label}: {family.unsupported[technique]} "
+                                    f"Supported: {', '.join(supported_families(technique))}.")
     return family
+
+
+@dataclass(frozen=True)
+class SupportedModel:
+    """A model of a supported family found inside another module (or the module itself).
+
+    Attributes:
+        module (`nn.Module`): the timm or transformers model.
+        prefix (`str`): its name in the outer module (`"timm_model"`, `"module"`, `"_orig_mod"`, ...), `""` if it is
+            the outer module itself.
+        family (`ModelFamily`): its family.
+    """
+
+    module: torch.nn.Module
+    prefix: str
+    family: ModelFamily
+
+    @property
+    def library(self) -> str:
+        return self.family.library
+
+    def qualified(self, name: str) -> str:
+        """The outer module's name of the inner module's `name` (a submodule or parameter name)."""
+        return f"{self.prefix}.{name}" if self.prefix and name else self.prefix or name
+
+
+def find_supported_model(model: torch.nn.Module, *, role: str = "model", technique: str | None = None,
+                         name: str | None = None) -> SupportedModel:
+    """The model of a supported family inside `model`, at any depth, and its name prefix.
+
+    Finds the timm or transformers model in transformers' `TimmWrapperForImageClassification` (`.timm_model`), in a
+    user module holding one as an attribute, and in DDP / FSDP / DeepSpeed (`.module`), `torch.compile`
+    (`._orig_mod`) and other wrappers that register the model as a submodule. The shallowest timm or transformers
+    model whose state-dict keys match a family wins; a module from neither library counts only if nothing inside it
+    matches. Per-family adapters (sites, surgery, weight selection) work on the result and name what they change with
+    the outer module's names (`SupportedModel.qualified`), so surgery on the outer module keeps every `Parameter`.
+
+    Args:
+        model (`nn.Module`): the model, possibly wrapped.
+        role, technique, name: as in `detect_family`.
+
+    Raises:
+        `UnsupportedModelError`: nothing inside `model` is of a supported family, or `technique` does not support it.
+    """
+    keys = list(model.state_dict())
+    candidates = sorted(((prefix, module) for prefix, module in model.named_modules() if _library_of_class(module)),
+                        key=lambda item: item[0].count(".") + bool(item[0]))
+    if not _library_of_class(model):
+        candidates.append(("", model))
+    for prefix, module in candidates:
+        start = f"{prefix}." if prefix else ""
+        inner_keys = [key[len(start):] for key in keys if key.startswith(start)]
+        found = [family for family in FAMILIES if family.matches(inner_keys)]
+        if len(found) == 1:
+            return SupportedModel(module, prefix, _check_technique(found[0], role, technique))
+    _raise_unsupported(role, name or describe_model(model), technique)
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """A short name for error messages: `"timm resnet18"`, `"transformers bert in MyWrapper"`, `"MyNet"`.
+
+    The shallowest timm model (its `pretrained_cfg` architecture, else its class) is preferred, then the shallowest
+    transformers model (its `config.model_type`, else its class).
+    """
+    modules = sorted(model.named_modules(), key=lambda item: item[0].count(".") + bool(item[0]))
+    for library in ("timm", "transformers"):
+        for prefix, module in modules:
+            if _library_of_class(module) != library or not _is_library_model(module, library):
+                continue
+            if library == "timm":
+                label = (getattr(module, "pretrained_cfg", None) or {}).get("architecture") or type(module).__name__
+            else:
+                label = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+            inside = f" in {type(model).__name__}" if prefix else ""
+            return f"{library} {label}{inside}"
+    return type(model).__name__
+
+
+def _is_library_model(module: torch.nn.Module, library: str) -> bool:
+    if library == "timm":
+        return hasattr(module, "pretrained_cfg") or hasattr(module, "default_cfg")
+    return hasattr(module, "config") and hasattr(module, "base_model_prefix")
+
+
+def _library_of_class(module: torch.nn.Module) -> str | None:
+    """`"timm"` or `"transformers"` when the module's class (or a base class) comes from that library."""
+    for cls in type(module).__mro__:
+        for library in ("timm", "transformers"):
+            if cls.__module__.startswith(library + "."):
+                return library
+    return None
 
 
 @dataclass(frozen=True)
@@ -315,14 +425,22 @@ def library_adapter(library: str):
 
 
 def library_of(model: torch.nn.Module) -> str:
-    """`"timm"` or `"transformers"`, from the module's class."""
-    module = type(model).__module__
-    for library in ("timm", "transformers"):
-        if module.startswith(library + "."):
-            return library
-    raise UnsupportedModelError(f"{type(model).__name__} (from {module}) is neither a timm nor a transformers model")
+    """`"timm"` or `"transformers"`: the library of the supported model inside `model` (see `find_supported_model`),
+    else of the module's class."""
+    try:
+        return find_supported_model(model).library
+    except UnsupportedModelError:
+        library = _library_of_class(model)
+    if library is None:
+        raise UnsupportedModelError(f"{type(model).__name__} (from {type(model).__module__}) is neither a timm nor a "
+                                    "transformers model, nor holds one")
+    return library
 
 
 def save_model(model: torch.nn.Module, folder) -> None:
     """Save a timm or transformers model in its library's Hub format (safetensors + config)."""
-    library_adapter(library_of(model)).save(model, folder)
+    library = _library_of_class(model)
+    if library is None:
+        raise UnsupportedModelError(f"{type(model).__name__} (from {type(model).__module__}) is neither a timm nor a "
+                                    "transformers model")
+    library_adapter(library).save(model, folder)

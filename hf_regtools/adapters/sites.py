@@ -3,6 +3,9 @@
 A `RateSite` is one float that a forward pass reads at call time: `nn.Dropout.p`, a float attention-dropout
 attribute (transformers ViT and Swin `attention_dropout`), or `DropPath.drop_prob`. Sites are found once and then
 updated cheaply, so schedules never walk the module tree at every step.
+
+Every function takes the model as the Trainer holds it: the supported model is found inside wrappers
+(`find_supported_model`), and sites and slots are named with the outer model's names.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import UnsupportedModelError, detect_family, library_adapter, library_of
+from . import UnsupportedModelError, find_supported_model, library_adapter
 
 DROP_PATH_SLOT = re.compile(r"(^|\.)drop_path\d*$")
 
@@ -42,21 +45,26 @@ def dropout_sites(model: torch.nn.Module, *, include_head: bool = False) -> list
 
     The classifier head's dropout is left out unless `include_head` (the official ViT has none).
     """
-    family = detect_family(model)
+    found = find_supported_model(model)
+    family = found.family
     sites = []
-    for name, module in model.named_modules():
+    for name, module in found.module.named_modules():
         if isinstance(module, torch.nn.Dropout):
             if include_head or family.head_dropout is None or not re.search(family.head_dropout, name):
-                sites.append(RateSite(name, module, "p"))
+                sites.append(RateSite(found.qualified(name), module, "p"))
         for attribute in family.attention_dropout:
             if isinstance(getattr(module, attribute, None), float):
-                sites.append(RateSite(f"{name}.{attribute}", module, attribute))
+                sites.append(RateSite(f"{found.qualified(name)}.{attribute}", module, attribute))
     return sites
 
 
 def drop_path_slots(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """`(name, module)` of every stochastic-depth slot, in depth order: `DropPath` modules and `Identity` placeholders."""
-    return [(name, module) for name, module in model.named_modules()
+    """`(name, module)` of every stochastic-depth slot, in depth order: `DropPath` modules and `Identity` placeholders.
+
+    Names are the outer model's (`timm_model.blocks.1.drop_path1` in a `TimmWrapperForImageClassification`).
+    """
+    found = find_supported_model(model)
+    return [(found.qualified(name), module) for name, module in found.module.named_modules()
             if DROP_PATH_SLOT.search(name) and (hasattr(module, "drop_prob") or isinstance(module, torch.nn.Identity))]
 
 
@@ -90,12 +98,12 @@ def install_drop_path(model: torch.nn.Module) -> list[str]:
     """Replace `Identity` drop-path placeholders by the family's `DropPath` (rate 0); returns the replaced names.
 
     Surgery keeps every parameter (placeholders have none). Do it before the optimizer and DDP exist: before
-    `Trainer(...)` or in `on_init_end`.
+    `Trainer(...)` or in `on_init_end`. The names are the outer model's, for `surgery.replace_modules(model, ...)`.
     """
     from ..surgery import replace_modules
 
-    family = detect_family(model)
-    make = library_adapter(library_of(model)).drop_path_class(family)
+    found = find_supported_model(model)
+    make = library_adapter(found.library).drop_path_class(found.family)
     placeholders = [name for name, module in drop_path_slots(model) if isinstance(module, torch.nn.Identity)]
     replace_modules(model, {name: make(0.0) for name in placeholders})
     return placeholders

@@ -102,8 +102,8 @@ class DropScheduleCallback(TechniqueMetricsCallback, ExportableState):
         """The scheduled rate at optimizer step `step` (after `on_train_begin` resolved the cutoff)."""
         if self.granularity == "epoch":
             step = step // self.steps_per_epoch * self.steps_per_epoch
-        return drop_schedule(step, p=self.p, cutoff_step=self.cutoff_step or 1, mode=self.mode,
-                             schedule=self.schedule)
+        return drop_schedule(step, p=self.p, cutoff_step=1 if self.cutoff_step is None else self.cutoff_step,
+                             mode=self.mode, schedule=self.schedule)
 
     @staticmethod
     def _steps_per_epoch(args, state, train_dataloader) -> int:

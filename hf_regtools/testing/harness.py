@@ -6,9 +6,13 @@ pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) w
 (`"trainer_init_kwargs"`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
 the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
 
-`python -m hf_regtools.testing.harness TECHNIQUE CASE OUT --steps N --batch B` trains once and writes each rank's
-parameters to `OUT/rank{i}.pt`; under `torchrun --nproc_per_node 2` it trains on 2 CPU processes (gloo). (Without
-`mpirun`, `accelerate launch --cpu --num_processes 2` starts only one process.)
+Models cover both libraries: transformers models, and timm models as they reach a `Trainer` (in
+`TimmWrapperForImageClassification` or in a user module returning `{"loss", "logits"}`). The synthetic dataset has
+`DATASET_SIZE` = 60 examples, not a multiple of the batch, so every epoch ends with a smaller batch.
+
+`python -m hf_regtools.testing.harness TECHNIQUE CASE OUT --steps N --batch B --dataset-size D` trains once and writes
+each rank's parameters to `OUT/rank{i}.pt`; under `torchrun --nproc_per_node 2` it trains on 2 CPU processes (gloo).
+(Without `mpirun`, `accelerate launch --cpu --num_processes 2` starts only one process.)
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import torch
 from . import tiny_models
 
 REQUIRED_KEYS = ("model", "callbacks", "deterministic")
-IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32, "transformers_swin": 32}
+IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32, "transformers_swin": 32, "timm_wrapped_vit": 16,
+              "timm_convnext_classifier": 32}
+DATASET_SIZE = 60
 
 
 def cases() -> list[tuple[str, str, dict]]:
@@ -48,7 +54,7 @@ def build_callbacks(case: dict) -> list:
     return [_load(target)(**kwargs) for target, kwargs in case["callbacks"]]
 
 
-def dataset(case: dict, size: int = 64, seed: int = 0):
+def dataset(case: dict, size: int = DATASET_SIZE, seed: int = 0):
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(seed)
@@ -59,7 +65,7 @@ def dataset(case: dict, size: int = 64, seed: int = 0):
 
 
 def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, batch_size: int = 8,
-                  save_steps: int | None = None, model=None, callbacks=None, seed: int = 0, dataset_size: int = 64,
+                  save_steps: int | None = None, model=None, callbacks=None, seed: int = 0, dataset_size: int = DATASET_SIZE,
                   trainer_init_kwargs: dict | None = None, **args):
     """A `Trainer` (with the case's mixin, if any) on the case's tiny model and a fixed synthetic dataset."""
     from transformers import Trainer, TrainingArguments
@@ -100,11 +106,13 @@ def main() -> None:
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="per-device batch size")
+    parser.add_argument("--dataset-size", type=int, default=DATASET_SIZE, help="number of training examples")
     args = parser.parse_args()
     from .._registry import get_technique
 
     case = get_technique(args.technique).harness["cases"][args.case]
-    trainer = build_trainer(case, args.output_dir / "run", max_steps=args.steps, batch_size=args.batch)
+    trainer = build_trainer(case, args.output_dir / "run", max_steps=args.steps, batch_size=args.batch,
+                            dataset_size=args.dataset_size)
     trainer.train()
     state = PartialState()
     parameters = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}

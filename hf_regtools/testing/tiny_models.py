@@ -3,6 +3,9 @@
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports,
 `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the
 same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+
+`timm_wrapped_vit` and `timm_convnext_classifier` are timm models as they reach a `Trainer`: inside transformers'
+`TimmWrapperForImageClassification`, and inside a small user module returning `{"loss", "logits"}`.
 """
 
 from __future__ import annotations
@@ -75,6 +78,39 @@ def transformers_swin(*, embed_dim: int = 16, depths: tuple[int, ...] = (2, 2), 
     return SwinForImageClassification(SwinConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads),
                                                  window_size=window_size, image_size=image_size,
                                                  patch_size=patch_size, num_labels=num_labels, **kwargs))
+
+
+def timm_wrapped_vit(*, embed_dim: int = 16, depth: int = 4, num_heads: int = 2, num_labels: int = 3,
+                     img_size: int = 16, patch_size: int = 4, **model_args) -> torch.nn.Module:
+    """A tiny timm ViT in transformers' `TimmWrapperForImageClassification` (timm model at `.timm_model`), built from
+    a `TimmWrapperConfig` without downloading anything."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    config = TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=num_labels,
+                               model_args=dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                                               depth=depth, num_heads=num_heads, **model_args))
+    return TimmWrapperForImageClassification(config)
+
+
+class TimmClassifier(torch.nn.Module):
+    """A user module holding a timm model: `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`, which
+    is all the `Trainer` needs."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.backbone(pixel_values)
+        outputs = {"logits": logits}
+        if labels is not None:
+            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return outputs
+
+
+def timm_convnext_classifier(**kwargs) -> TimmClassifier:
+    """A tiny timm ConvNeXt (`timm_convnext(**kwargs)`) in a `TimmClassifier` user module."""
+    return TimmClassifier(timm_convnext(**kwargs))
 
 
 TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {

@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from ..adapters import ModelFamily, UnsupportedModelError, detect_family
+from ..adapters import ModelFamily, UnsupportedModelError, detect_family, find_supported_model
 from .config import QKV_MODES, SELECTION_MODES, SKIP_RULES
 
 SelectionMode = Literal["uniform", "consecutive", "random"]
@@ -185,7 +185,9 @@ def select_weights(
 
     Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2; not
     Swin, see the method card), the student no wider and no deeper than the teacher. The teacher may be a module, a
-    state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files.
+    state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files. A module may wrap
+    the model (`TimmWrapperForImageClassification`, DDP, `torch.compile`, a user module holding it): the supported
+    model inside is used (`hf_regtools.adapters.find_supported_model`).
 
     Args:
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
@@ -227,6 +229,10 @@ def select_weights(
     if not callable(skip) and skip not in SKIP_RULES:
         raise WeightSelectionError(f"unknown skip rule {skip!r}; choose one of {SKIP_RULES} or pass a callable")
     plan = IndexPlan(mode, seed=seed)
+    if isinstance(student, torch.nn.Module):
+        student = find_supported_model(student, role="student", technique="weight_selection").module
+    if isinstance(teacher, torch.nn.Module):
+        teacher = find_supported_model(teacher, role="teacher", technique="weight_selection").module
     student_tensors = student.state_dict(keep_vars=True) if isinstance(student, torch.nn.Module) else student
     teacher_tensors = _teacher_tensors(teacher, student)
     family = _matching_family(teacher_tensors, student_tensors)

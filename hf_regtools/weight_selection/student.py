@@ -13,7 +13,7 @@ import torch
 from .. import hub
 from .._io import atomic_directory
 from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, check_preset, detect_family,
-                        library_adapter, library_of, preset_shape)
+                        find_supported_model, library_adapter, library_of, preset_shape)
 from ..checkpoint import CheckpointReader
 from .config import WeightSelectionConfig
 from .functional import SelectionReport, select_weights
@@ -112,6 +112,7 @@ def initialize_student(
 
     resolved = None
     if isinstance(teacher, torch.nn.Module):
+        teacher = find_supported_model(teacher, role="teacher", technique="weight_selection").module
         library = library_of(teacher)
         teacher_name, teacher_revision, on_hub = _module_name(teacher), None, False
         teacher_config = _config_of_module(teacher, library)
@@ -204,6 +205,7 @@ def _build_student(student, overrides: StudentShape, num_labels, family: ModelFa
         if not overrides.is_empty() or num_labels is not None:
             raise ValueError("architecture overrides and num_labels apply when the student is built here, not to a "
                              "given student model")
+        student = find_supported_model(student, role="student", technique="weight_selection").module
         notes, files, _ = _preprocessing(adapter, teacher_config, _config_of_module(student, library), teacher_folder)
         if library == "timm":
             notes["timm data config"] = "kept as the given student model has it (`pretrained_cfg`)"

@@ -1,4 +1,8 @@
+import warnings
+
 import pytest
+import torch
+import transformers
 
 from hf_regtools.dropout_schedules import (DropScheduleCallback, EarlyDropoutCallback, LateDropoutCallback,
                                            LateStochasticDepthCallback, block_rates)
@@ -18,7 +22,7 @@ def test_rate_changes_only_at_update_boundaries_with_gradient_accumulation(tmp_p
     hook = dropout.register_forward_pre_hook(lambda module, args: seen.append((trainer.state.global_step, module.p)))
     trainer.train()
     hook.remove()
-    assert len(seen) == 6 * 4
+    assert len(seen) == 4 + 4 + 4 + 3 + 4 + 4  # 60 examples = 15 micro-batches of 4: the 4th update has 3
     for step, rate in seen:
         assert rate == drop_schedule(step, p=0.4, cutoff_step=4, mode="early", schedule="linear")
     logged = [entry["hf_regtools/dropout_schedules/dropout_rate"] for entry in trainer.state.log_history if "loss" in entry]
@@ -30,7 +34,7 @@ def test_cutoff_units(tmp_path):
     fraction = LateDropoutCallback(p=0.2, cutoff_fraction=0.25)
     trainer = build_trainer(VIT, tmp_path, max_steps=8, batch_size=8, callbacks=[epochs, fraction])
     trainer.train()
-    assert epochs.steps_per_epoch == 8 and epochs.cutoff_step == 4  # 64 samples / batch 8
+    assert epochs.steps_per_epoch == 8 and epochs.cutoff_step == 4  # 60 samples / batch 8: 7 full batches and 1 of 4
     assert fraction.cutoff_step == 2
     assert trainer.model.vit.embeddings.dropout.p in (0.0, 0.2)
 
@@ -91,3 +95,61 @@ def test_metrics_reach_log_history_without_the_mixin(tmp_path):
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert [entry["hf_regtools/dropout_schedules/dropout_rate"] for entry in logged] == [0.4, 0.0]
     assert all("hf_regtools/diagnostics/gdv" in entry for entry in logged)
+
+
+def _resume(tmp_path, trainer_class, model_name="transformers_vit"):
+    from transformers import TrainingArguments
+
+    from hf_regtools.testing import tiny_models
+    from hf_regtools.testing.harness import dataset
+
+    def run(output_dir, **train_kwargs):
+        torch.manual_seed(0)
+        args = TrainingArguments(str(output_dir), max_steps=4, save_steps=2, per_device_train_batch_size=8,
+                                 report_to="none", use_cpu=True, disable_tqdm=True)
+        trainer = trainer_class(getattr(tiny_models, model_name)(), args, train_dataset=dataset({"model": model_name}),
+                                callbacks=[EarlyDropoutCallback(p=0.1, cutoff_steps=2)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(**train_kwargs)
+        return trainer, [w for w in caught if "RegtoolsTrainerMixin" in str(w.message)]
+
+    full, fresh_warnings = run(tmp_path / "full")
+    resumed, resume_warnings = run(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    exact = all(torch.equal(a, b) for a, b in zip(full.model.parameters(), resumed.model.parameters()))
+    return fresh_warnings, resume_warnings, exact
+
+
+def test_resume_without_the_mixin_warns_where_it_is_inexact(tmp_path):
+    from transformers import Trainer
+
+    from hf_regtools._compat import checkpoint_layout_differs
+    from hf_regtools.testing.tiny_models import transformers_vit
+    from hf_regtools.trainer import RegtoolsTrainerMixin
+
+    affected = checkpoint_layout_differs(transformers_vit())
+    assert affected == transformers.__version__.startswith("5.")
+    fresh, resumed, exact = _resume(tmp_path / "plain", Trainer)
+    assert fresh == [] and len(resumed) == (1 if affected else 0) and exact != affected
+    if affected:
+        assert "Resuming ViTForImageClassification without RegtoolsTrainerMixin" in str(resumed[0].message)
+
+    class MixinTrainer(RegtoolsTrainerMixin, Trainer):
+        pass
+
+    assert _resume(tmp_path / "mixin", MixinTrainer) == ([], [], True)
+    assert _resume(tmp_path / "timm", Trainer, "timm_wrapped_vit") == ([], [], True)  # a layout 5.x keeps
+
+
+def test_cutoff_zero_is_the_official_all_off_early_and_all_on_late_schedule(tmp_path):
+    early, late = EarlyDropoutCallback(p=0.2, cutoff_epochs=0), LateStochasticDepthCallback(p=0.4, cutoff_steps=0)
+    case = {"model": "transformers_swin", "callbacks": [], "deterministic": False}
+    trainer = build_trainer(case, tmp_path, max_steps=2, callbacks=[early, late])
+    blocks = [block for stage in trainer.model.swin.encoder.layers for block in stage.blocks]
+    seen = []
+    hook = blocks[-1].drop_path.register_forward_pre_hook(
+        lambda module, args: seen.append((trainer.model.swin.embeddings.dropout.p, module.drop_prob)))
+    trainer.train()
+    hook.remove()
+    assert early.cutoff_step == late.cutoff_step == 0
+    assert seen == [(0.0, pytest.approx(0.4))] * 2

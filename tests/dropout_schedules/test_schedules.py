@@ -38,7 +38,7 @@ def official_drop_scheduler(drop_rate, epochs, niter_per_ep, cutoff_epoch=0, mod
 
 @pytest.mark.parametrize("mode, schedule", [("early", "linear"), ("early", "constant"), ("late", "constant"),
                                             ("standard", "constant")])
-@pytest.mark.parametrize("p, epochs, n, cutoff", [(0.1, 4, 5, 2), (0.5, 3, 7, 1), (0.3, 6, 1, 5)])
+@pytest.mark.parametrize("p, epochs, n, cutoff", [(0.1, 4, 5, 2), (0.5, 3, 7, 1), (0.3, 6, 1, 5), (0.2, 3, 4, 0)])
 def test_schedule_parity_with_official(mode, schedule, p, epochs, n, cutoff):
     official = official_drop_scheduler(p, epochs, n, cutoff, mode, schedule)
     array = drop_schedule_array(p=p, total_steps=epochs * n, cutoff_step=cutoff * n, mode=mode, schedule=schedule)
@@ -61,6 +61,8 @@ def test_schedule_validation():
         drop_schedule(0, p=0.1, cutoff_step=3, mode="middle")
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         drop_schedule(0, p=1.5, cutoff_step=3)
+    with pytest.raises(ValueError, match="cutoff_step must be >= 0"):
+        drop_schedule(0, p=0.1, cutoff_step=-1)
 
 
 def test_per_block_rates_vit_and_convnext():
