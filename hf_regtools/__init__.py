@@ -18,11 +18,13 @@ _EXPORTS = {
     "hf_regtools.trainer": ("RegtoolsTrainerMixin", "TechniqueMetricsCallback"),
     "hf_regtools.hub": ("HubError", "ResolvedModel", "TechniqueUse", "add_techniques_to_card", "load_model",
                         "push_folder", "resolve_model"),
-    "hf_regtools.adapters": ("StudentShape", "UnsupportedModelError", "detect_family", "save_model"),
+    "hf_regtools.adapters": ("StudentShape", "UnsupportedModelError", "detect_family", "find_supported_model",
+                             "save_model"),
     "hf_regtools.checkpoint": ("CheckpointError", "CheckpointReader"),
     "hf_regtools.schedules": ("drop_schedule", "drop_schedule_array", "svrg_alpha_schedule"),
     "hf_regtools.surgery": ("replace_modules",),
-    "hf_regtools.optim": ("PaperWeightDecayMixin", "param_groups_weight_decay"),
+    "hf_regtools.optim": ("PaperWeightDecayMixin", "decay_parameter_names", "no_weight_decay_names",
+                          "param_groups_weight_decay"),
     "hf_regtools.weight_selection": ("IndexPlan", "SelectedStudent", "SelectionReport", "WeightSelectionConfig",
                                      "WeightSelectionError", "consecutive_indices", "initialize_student", "model_card",
                                      "random_indices", "save_student", "select_tensor", "select_weights",
@@ -40,7 +42,7 @@ __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from ._registry import TECHNIQUES, TechniqueInfo, get_technique, list_techniques
-    from .adapters import StudentShape, UnsupportedModelError, detect_family, save_model
+    from .adapters import StudentShape, UnsupportedModelError, detect_family, find_supported_model, save_model
     from .alpha_svrg import AlphaSVRG, AlphaSVRGConfig, AlphaSVRGTrainerMixin
     from .checkpoint import CheckpointError, CheckpointReader
     from .diagnostics import (GradientDiagnosticsCallback, flat_gradient, gradient_direction_error,
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
                                     apply_drop_rate, block_rates)
     from .hub import (HubError, ResolvedModel, TechniqueUse, add_techniques_to_card, load_model, push_folder,
                       resolve_model)
-    from .optim import PaperWeightDecayMixin, param_groups_weight_decay
+    from .optim import PaperWeightDecayMixin, decay_parameter_names, no_weight_decay_names, param_groups_weight_decay
     from .schedules import drop_schedule, drop_schedule_array, svrg_alpha_schedule
     from .surgery import replace_modules
     from .trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback
