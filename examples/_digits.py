@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_regtools.testing.digits import digits_dataset
+from hf_regtools.testing.digits import accuracy, digits_dataset, resized
 
 MODELS = ("transformers-vit", "transformers-convnext", "timm-vit", "timm-convnext")
 MODEL_HELP = (f"one of {MODELS} (small models for the 8x8 digits, built from a config), or the Hub id or folder of "
@@ -54,21 +54,7 @@ def digits(split: str, *, image_size: int = 8, channels: int = 1, limit: int | N
         dataset = dataset.select(range(min(limit, len(dataset))))
     if (image_size, channels) == (8, 1):
         return dataset
-
-    def resize(batch):
-        pixels = torch.stack([torch.as_tensor(p) for p in batch["pixel_values"]])
-        pixels = torch.nn.functional.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
-        return {"pixel_values": pixels.expand(-1, channels, -1, -1), "labels": torch.as_tensor(batch["labels"])}
-
-    dataset = dataset.with_format(None)
-    dataset.set_transform(resize)
-    return dataset
-
-
-def accuracy(prediction) -> dict[str, float]:
-    """`compute_metrics` for the Trainer."""
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
+    return resized(dataset, image_size, channels)
 
 
 def trainer_defaults(output_dir: str) -> dict:

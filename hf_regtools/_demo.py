@@ -45,12 +45,13 @@ def _fit(name: str, model, train, test, output_dir: Path, *, steps: int, seed: i
          **trainer_kwargs) -> Run:
     from transformers import Trainer
 
+    from .testing.digits import accuracy
     from .trainer import RegtoolsTrainerMixin
 
     trainer_class = type("DemoTrainer", (mixin or RegtoolsTrainerMixin, Trainer), {})
     run, start = Run(name), time.perf_counter()
     trainer = trainer_class(model=model, args=_training_args(output_dir / "runs" / name, steps=steps, seed=seed),
-                            train_dataset=train, eval_dataset=test, compute_metrics=_accuracy,
+                            train_dataset=train, eval_dataset=test, compute_metrics=accuracy,
                             callbacks=list(callbacks), **trainer_kwargs)
     trainer.train()
     run.seconds = time.perf_counter() - start
@@ -58,23 +59,6 @@ def _fit(name: str, model, train, test, output_dir: Path, *, steps: int, seed: i
     metrics = trainer.evaluate()
     run.test_loss, run.test_accuracy = metrics["eval_loss"], metrics["eval_accuracy"]
     return run
-
-
-def _accuracy(prediction) -> dict[str, float]:
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
-
-
-def _resized(dataset, image_size: int, channels: int):
-    """Digits resized to a teacher's input size and channel count, on the fly."""
-    def transform(batch):
-        pixels = torch.stack([torch.as_tensor(p) for p in batch["pixel_values"]])
-        pixels = torch.nn.functional.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
-        return {"pixel_values": pixels.expand(-1, channels, -1, -1), "labels": torch.as_tensor(batch["labels"])}
-
-    dataset = dataset.with_format(None)
-    dataset.set_transform(transform)
-    return dataset
 
 
 def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path = "outputs", steps: int = 150,
@@ -91,7 +75,7 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
 
     from .adapters import detect_family, save_model
     from .hub import resolve_model
-    from .testing.digits import digits_dataset
+    from .testing.digits import digits_dataset, resized
     from .weight_selection import initialize_student
 
     console, output_dir = Console(), Path(output_dir)
@@ -121,7 +105,8 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
             raise ValueError("the demo fine-tunes with transformers.Trainer: pass a transformers ViT/ConvNeXt teacher")
         config = resolved.config()
         size = config.get("image_size", 224)
-        train, test = _resized(train, size, config.get("num_channels", 3)), _resized(test, size, config.get("num_channels", 3))
+        channels = config.get("num_channels", 3)
+        train, test = resized(train, size, channels), resized(test, size, channels)
 
     console.rule("2. Weight selection")
     set_seed(seed)

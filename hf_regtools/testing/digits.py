@@ -87,3 +87,21 @@ def evaluate(model: torch.nn.Module, dataset) -> tuple[float, float]:
     logits = logits_of(model, images)
     return (torch.nn.functional.cross_entropy(logits, labels).item(),
             (logits.argmax(-1) == labels).float().mean().item())
+
+
+def resized(dataset, image_size: int, channels: int):
+    """The digits resized to a model's input size and channel count, on the fly (a `set_transform`)."""
+    def transform(batch):
+        pixels = torch.stack([torch.as_tensor(p) for p in batch["pixel_values"]])
+        pixels = torch.nn.functional.interpolate(pixels, size=(image_size, image_size), mode="bilinear")
+        return {"pixel_values": pixels.expand(-1, channels, -1, -1), "labels": torch.as_tensor(batch["labels"])}
+
+    dataset = dataset.with_format(None)
+    dataset.set_transform(transform)
+    return dataset
+
+
+def accuracy(prediction) -> dict[str, float]:
+    """`compute_metrics` for the Trainer: top-1 accuracy."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
