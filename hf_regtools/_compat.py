@@ -74,15 +74,20 @@ def checkpoints_in_model_layout(model: torch.nn.Module):
     huggingface/transformers#43701, open in 5.23). Checkpoints written in the model's layout resume correctly;
     4.57, which has no such conversion, needs nothing.
     """
-    save = getattr(model, "save_pretrained", None)
-    if save is None or "save_original_format" not in inspect.signature(save).parameters:
+    if not _saves_original_format(model):
         yield
         return
-    model.save_pretrained = functools.partial(save, save_original_format=False)
+    model.save_pretrained = functools.partial(model.save_pretrained, save_original_format=False)
     try:
         yield
     finally:
         del model.save_pretrained
+
+
+def _saves_original_format(model: torch.nn.Module) -> bool:
+    """Whether `model.save_pretrained` writes the original (pre-conversion) key layout by default (transformers 5)."""
+    save = getattr(model, "save_pretrained", None)
+    return save is not None and "save_original_format" in inspect.signature(save).parameters
 
 
 def checkpoint_layout_differs(model: torch.nn.Module) -> bool:
@@ -93,8 +98,7 @@ def checkpoint_layout_differs(model: torch.nn.Module) -> bool:
     transformers 5 models with a key conversion are affected (ViT, DeiT, Swin; not ConvNeXt or the timm wrapper);
     4.57 and modules without `save_pretrained` (saved as their own state dict) are not.
     """
-    save = getattr(model, "save_pretrained", None)
-    if save is None or "save_original_format" not in inspect.signature(save).parameters:
+    if not _saves_original_format(model):
         return False
     try:
         from transformers.core_model_loading import revert_weight_conversion
