@@ -6,6 +6,9 @@ and of the shared layers resolve lazily, as transformers' do:
 ```py
 from hf_regtools import AlphaSVRGTrainerMixin, EarlyDropoutCallback, RegtoolsTrainerMixin, initialize_student
 ```
+
+The names of the shared layers are listed here; every technique package's `__all__` is exported as well, collected
+from the folders that register a technique (see `hf_regtools._registry`).
 """
 
 from importlib import import_module
@@ -25,17 +28,19 @@ _EXPORTS = {
     "hf_regtools.surgery": ("replace_modules",),
     "hf_regtools.optim": ("PaperWeightDecayMixin", "decay_parameter_names", "no_weight_decay_names",
                           "param_groups_weight_decay"),
-    "hf_regtools.weight_selection": ("IndexPlan", "SelectedStudent", "SelectionReport", "WeightSelectionConfig",
-                                     "WeightSelectionError", "consecutive_indices", "initialize_student", "model_card",
-                                     "random_indices", "save_student", "select_tensor", "select_weights",
-                                     "uniform_indices"),
-    "hf_regtools.alpha_svrg": ("AlphaSVRG", "AlphaSVRGConfig", "AlphaSVRGTrainerMixin"),
-    "hf_regtools.dropout_schedules": ("TARGETS", "DropRateController", "DropScheduleCallback", "EarlyDropoutCallback",
-                                      "EarlyStochasticDepthCallback", "LateDropoutCallback",
-                                      "LateStochasticDepthCallback", "apply_drop_rate", "block_rates"),
     "hf_regtools.diagnostics": ("GradientDiagnosticsCallback", "flat_gradient", "gradient_direction_error",
                                 "gradient_direction_variance", "gradient_variance_metrics", "plot_diagnostics"),
 }
+
+
+def _technique_exports() -> dict[str, tuple[str, ...]]:
+    from ._registry import technique_folders
+
+    return {f"hf_regtools.{folder}": tuple(import_module(f"hf_regtools.{folder}").__all__)
+            for folder in technique_folders()}
+
+
+_EXPORTS.update(_technique_exports())
 _LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["__version__", *_LAZY]
@@ -43,22 +48,15 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:
     from ._registry import TECHNIQUES, TechniqueInfo, get_technique, list_techniques
     from .adapters import StudentShape, UnsupportedModelError, detect_family, find_supported_model, save_model
-    from .alpha_svrg import AlphaSVRG, AlphaSVRGConfig, AlphaSVRGTrainerMixin
     from .checkpoint import CheckpointError, CheckpointReader
     from .diagnostics import (GradientDiagnosticsCallback, flat_gradient, gradient_direction_error,
                               gradient_direction_variance, gradient_variance_metrics, plot_diagnostics)
-    from .dropout_schedules import (TARGETS, DropRateController, DropScheduleCallback, EarlyDropoutCallback,
-                                    EarlyStochasticDepthCallback, LateDropoutCallback, LateStochasticDepthCallback,
-                                    apply_drop_rate, block_rates)
     from .hub import (HubError, ResolvedModel, TechniqueUse, add_techniques_to_card, load_model, push_folder,
                       resolve_model)
     from .optim import PaperWeightDecayMixin, decay_parameter_names, no_weight_decay_names, param_groups_weight_decay
     from .schedules import drop_schedule, drop_schedule_array, svrg_alpha_schedule
     from .surgery import replace_modules
     from .trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback
-    from .weight_selection import (IndexPlan, SelectedStudent, SelectionReport, WeightSelectionConfig,
-                                   WeightSelectionError, consecutive_indices, initialize_student, model_card,
-                                   random_indices, save_student, select_tensor, select_weights, uniform_indices)
 
 
 def __getattr__(name):

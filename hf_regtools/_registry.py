@@ -1,11 +1,16 @@
 """The technique registry: one entry per technique, enumerated by the CLI, the docs and the test suite.
 
-Entry points are stored as `"module:attribute"` strings so that reading the registry imports nothing heavy.
+A technique registers itself from its own folder, the way timm registers models where they are defined: a light
+`hf_regtools/<technique>/technique.py` (importing neither torch nor any HF library) calls `register(TechniqueInfo(...))`
+with the technique's entry points and its cases for the generic Trainer harness. Every such file is imported when
+this module is first imported, so adding a technique touches nothing outside its folder. Entry points are stored as
+`"module:attribute"` strings so that reading the registry imports nothing heavy.
 """
 
 from __future__ import annotations
 
 import json
+import pkgutil
 from dataclasses import dataclass
 from importlib import import_module
 from importlib.resources import files
@@ -78,6 +83,11 @@ TECHNIQUES: dict[str, TechniqueInfo] = {}
 
 
 def register(info: TechniqueInfo) -> TechniqueInfo:
+    """Add a technique to `TECHNIQUES`; called from the technique's own `technique.py`.
+
+    Raises a `ValueError` if the name is taken or if a Trainer-side technique (callback, optimizer or mixin) comes
+    without cases for the generic harness.
+    """
     if info.name in TECHNIQUES:
         raise ValueError(f"technique {info.name!r} is already registered")
     if info.has_trainer_component and info.harness is None:
@@ -98,86 +108,16 @@ def list_techniques() -> list[TechniqueInfo]:
     return [TECHNIQUES[name] for name in sorted(TECHNIQUES)]
 
 
-register(
-    TechniqueInfo(
-        name="weight_selection",
-        title="Weight selection",
-        paper="Xu et al., Initializing Models with Larger Ones, ICLR 2024",
-        arxiv="2311.18823",
-        code_repo="OscarXZQ/weight-selection",
-        functional="hf_regtools.weight_selection:select_weights",
-        cli_command="select",
-    )
-)
+def technique_folders() -> list[str]:
+    """Names of the `hf_regtools` subpackages that declare a technique (have a `technique.py`)."""
+    package = files("hf_regtools")
+    return sorted(module.name for module in pkgutil.iter_modules([str(package)])
+                  if module.ispkg and package.joinpath(module.name, "technique.py").is_file())
 
-register(
-    TechniqueInfo(
-        name="dropout_schedules",
-        title="Early/late dropout and stochastic depth",
-        paper="Liu et al., Dropout Reduces Underfitting, ICML 2023",
-        arxiv="2303.01500",
-        code_repo="facebookresearch/dropout",
-        functional="hf_regtools.dropout_schedules:DropRateController",
-        callback="hf_regtools.dropout_schedules:DropScheduleCallback",
-        callbacks=tuple(f"hf_regtools.dropout_schedules:{name}" for name in (
-            "EarlyDropoutCallback", "LateDropoutCallback", "EarlyStochasticDepthCallback",
-            "LateStochasticDepthCallback")),
-        harness={
-            "cases": {
-                "early_dropout": {
-                    "model": "transformers_vit",
-                    "model_kwargs": {"hidden_dropout_prob": 0.2, "attention_probs_dropout_prob": 0.2},
-                    "callbacks": [("hf_regtools.dropout_schedules:EarlyDropoutCallback",
-                                   {"p": 0.3, "cutoff_steps": 3})],
-                    "deterministic": False,
-                },
-                "late_stochastic_depth": {
-                    "model": "transformers_convnext",
-                    "model_kwargs": {},
-                    "callbacks": [("hf_regtools.dropout_schedules:LateStochasticDepthCallback",
-                                   {"p": 0.5, "cutoff_steps": 2})],
-                    "deterministic": False,
-                },
-                "early_dropout_timm_vit": {
-                    "model": "timm_wrapped_vit",
-                    "model_kwargs": {"proj_drop_rate": 0.2, "attn_drop_rate": 0.2},
-                    "callbacks": [("hf_regtools.dropout_schedules:EarlyDropoutCallback",
-                                   {"p": 0.3, "cutoff_steps": 3})],
-                    "deterministic": False,
-                },
-                "late_stochastic_depth_timm_convnext": {
-                    "model": "timm_convnext_classifier",
-                    "model_kwargs": {},
-                    "callbacks": [("hf_regtools.dropout_schedules:LateStochasticDepthCallback",
-                                   {"p": 0.5, "cutoff_steps": 2})],
-                    "deterministic": False,
-                },
-            },
-        },
-    )
-)
 
-register(
-    TechniqueInfo(
-        name="alpha_svrg",
-        title="alpha-SVRG",
-        paper="Yin et al., A Coefficient Makes SVRG Effective, ICLR 2025",
-        arxiv="2311.05589",
-        code_repo="davidyyd/alpha-SVRG",
-        functional="hf_regtools.schedules:svrg_alpha_schedule",
-        optimizer="hf_regtools.alpha_svrg:AlphaSVRG",
-        mixin="hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-        harness={"cases": {
-            name: {"model": "transformers_vit", "callbacks": [], "mixin": "hf_regtools.alpha_svrg:AlphaSVRGTrainerMixin",
-                   "model_kwargs": {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout},
-                   "trainer_init_kwargs": {"alpha_svrg": {"alpha0": 0.75, **settings}},
-                   "trainer_kwargs": {"max_grad_norm": 0.0, "optim": "sgd", "learning_rate": 0.05},
-                   "deterministic": dropout == 0.0}
-            for name, settings, dropout in (("snapshot_every_2_steps", {"snapshot_every": 2}, 0.0),
-                                            ("full_gradient_in_batches_of_16",
-                                             {"snapshot_every": 2, "full_gradient_batch_size": 16}, 0.0),
-                                            ("cache_mode", {"mode": "cache"}, 0.0),
-                                            ("cache_mode_with_dropout", {"mode": "cache"}, 0.1))
-        }},
-    )
-)
+def _discover() -> None:
+    for folder in technique_folders():
+        import_module(f"hf_regtools.{folder}.technique")
+
+
+_discover()

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from hf_regtools.testing.harness import REQUIRED_KEYS, build_trainer, cases
+from hf_regtools.testing import tiny_models
+from hf_regtools.testing.harness import REQUIRED_KEYS, build_model, build_trainer, cases, dataset
 
 CASES = [pytest.param(case, id=f"{technique}-{name}") for technique, name, case in cases()]
 LAUNCH = [pytest.param(technique, name, case, id=f"{technique}-{name}") for technique, name, case in cases()]
@@ -25,6 +26,16 @@ def test_every_trainer_technique_has_harness_cases():
         for name, case in info.harness["cases"].items():
             missing = [key for key in REQUIRED_KEYS if key not in case]
             assert not missing, f"{info.name}/{name} lacks harness settings {missing}"
+
+
+@pytest.mark.parametrize("model", sorted(tiny_models.INPUTS))
+def test_every_fixture_trains_on_its_dataset(model):
+    case = {"model": model}
+    batch = dataset(case, size=5)[:5]
+    built = build_model(case)
+    loss = built(**batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in built.parameters() if p.requires_grad)
 
 
 def technique_state(trainer):

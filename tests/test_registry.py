@@ -13,8 +13,20 @@ TECHNIQUES = list_techniques()
 
 
 def test_importing_the_package_is_light():
-    code = "import sys, hf_regtools; hf_regtools.list_techniques(); print('transformers' in sys.modules, 'timm' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]
+    code = ("import sys, hf_regtools; hf_regtools.list_techniques(); "
+            "print(*('torch' in sys.modules, 'transformers' in sys.modules, 'timm' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False"]
+
+
+def test_every_technique_registers_from_its_own_folder():
+    folders = _registry.technique_folders()
+    assert set(folders) == set(_registry.TECHNIQUES), "each technique.py registers the technique named as its folder"
+    with_metadata = {path.parent.name for path in (ROOT / "hf_regtools").glob("*/metadata.json")}
+    assert with_metadata == set(folders), "a folder with metadata.json lacks technique.py (or the other way round)"
+    for folder in folders:
+        source = (ROOT / "hf_regtools" / folder / "technique.py").read_text()
+        assert not re.search(r"^\s*(import|from)\s+(torch|transformers|timm|numpy)\b", source, re.M), folder
 
 
 @pytest.mark.parametrize("info", TECHNIQUES, ids=lambda info: info.name)

@@ -1,29 +1,37 @@
 """Early/late dropout and stochastic depth: Liu et al., *Dropout Reduces Underfitting*, ICML 2023.
 
-See the method card (`README.md` in this folder).
+See the method card (`README.md` in this folder). Names resolve lazily, so that reading the technique's registry
+entry imports no torch.
 """
 
-from .functional import TARGETS, DropRateController, apply_drop_rate, block_rates
+from importlib import import_module
+from typing import TYPE_CHECKING
 
-__all__ = [
-    "TARGETS",
-    "DropRateController",
-    "DropScheduleCallback",
-    "EarlyDropoutCallback",
-    "EarlyStochasticDepthCallback",
-    "LateDropoutCallback",
-    "LateStochasticDepthCallback",
-    "apply_drop_rate",
-    "block_rates",
-]
+_LAZY = {
+    "TARGETS": ".functional",
+    "DropRateController": ".functional",
+    "DropScheduleCallback": ".callback",
+    "EarlyDropoutCallback": ".callback",
+    "EarlyStochasticDepthCallback": ".callback",
+    "LateDropoutCallback": ".callback",
+    "LateStochasticDepthCallback": ".callback",
+    "apply_drop_rate": ".functional",
+    "block_rates": ".functional",
+}
 
-_CALLBACKS = {"DropScheduleCallback", "EarlyDropoutCallback", "EarlyStochasticDepthCallback", "LateDropoutCallback",
-              "LateStochasticDepthCallback"}
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:
+    from .callback import (DropScheduleCallback, EarlyDropoutCallback, EarlyStochasticDepthCallback,
+                           LateDropoutCallback, LateStochasticDepthCallback)
+    from .functional import TARGETS, DropRateController, apply_drop_rate, block_rates
 
 
 def __getattr__(name):
-    if name in _CALLBACKS:
-        from . import callback
-
-        return getattr(callback, name)
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -6,9 +6,10 @@ pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) w
 (`"trainer_init_kwargs"`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
 the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
 
-Models cover both libraries: transformers models, and timm models as they reach a `Trainer` (in
-`TimmWrapperForImageClassification` or in a user module returning `{"loss", "logits"}`). The synthetic dataset has
-`DATASET_SIZE` = 60 examples, not a multiple of the batch, so every epoch ends with a smaller batch.
+Models cover both libraries and both modalities (`tiny_models.INPUTS`): transformers models, timm models as they
+reach a `Trainer` (in `TimmWrapperForImageClassification` or in a user module returning `{"loss", "logits"}`), ViT,
+ConvNeXt and Swin, BatchNorm ResNets, and a BERT-style text encoder. The synthetic dataset has `DATASET_SIZE` = 60
+examples, not a multiple of the batch, so every epoch ends with a smaller batch.
 
 `python -m hf_regtools.testing.harness TECHNIQUE CASE OUT --steps N --batch B --dataset-size D` trains once and writes
 each rank's parameters to `OUT/rank{i}.pt`; under `torchrun --nproc_per_node 2` it trains on 2 CPU processes (gloo).
@@ -27,8 +28,6 @@ import torch
 from . import tiny_models
 
 REQUIRED_KEYS = ("model", "callbacks", "deterministic")
-IMAGE_SIZE = {"transformers_vit": 16, "transformers_convnext": 32, "transformers_swin": 32, "timm_wrapped_vit": 16,
-              "timm_convnext_classifier": 32}
 DATASET_SIZE = 60
 
 
@@ -55,13 +54,22 @@ def build_callbacks(case: dict) -> list:
 
 
 def dataset(case: dict, size: int = DATASET_SIZE, seed: int = 0):
+    """A fixed synthetic dataset for the case's model (`tiny_models.INPUTS`): images, or padded token sequences."""
     from datasets import Dataset
 
     generator = torch.Generator().manual_seed(seed)
-    side = IMAGE_SIZE[case["model"]]
-    pixels = torch.randn(size, 3, side, side, generator=generator)
-    labels = torch.randint(0, 3, (size,), generator=generator)
-    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()}).with_format("torch")
+    inputs = tiny_models.INPUTS[case["model"]]
+    if "image_size" in inputs:
+        side = inputs["image_size"]
+        columns = {"pixel_values": torch.randn(size, 3, side, side, generator=generator)}
+    else:
+        length = inputs["length"]
+        lengths = torch.randint(length // 2, length + 1, (size, 1), generator=generator)
+        attention_mask = (torch.arange(length) < lengths).long()
+        input_ids = torch.randint(1, inputs["vocab_size"], (size, length), generator=generator) * attention_mask
+        columns = {"input_ids": input_ids, "attention_mask": attention_mask}
+    columns["labels"] = torch.randint(0, 3, (size,), generator=generator)
+    return Dataset.from_dict({name: column.numpy() for name, column in columns.items()}).with_format("torch")
 
 
 def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, batch_size: int = 8,

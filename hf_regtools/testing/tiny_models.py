@@ -4,8 +4,10 @@
 `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the
 same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
-`timm_wrapped_vit` and `timm_convnext_classifier` are timm models as they reach a `Trainer`: inside transformers'
-`TimmWrapperForImageClassification`, and inside a small user module returning `{"loss", "logits"}`.
+`timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
+inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
+"logits"}`. BatchNorm ResNets (`timm_resnet`, `transformers_resnet`) and a BERT-style text encoder
+(`transformers_bert`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
 """
 
 from __future__ import annotations
@@ -111,6 +113,62 @@ class TimmClassifier(torch.nn.Module):
 def timm_convnext_classifier(**kwargs) -> TimmClassifier:
     """A tiny timm ConvNeXt (`timm_convnext(**kwargs)`) in a `TimmClassifier` user module."""
     return TimmClassifier(timm_convnext(**kwargs))
+
+
+def timm_resnet(*, channels: tuple[int, ...] = (8, 16, 32, 64), layers: tuple[int, ...] = (1, 1, 1, 1),
+                num_classes: int = 3, bottleneck: bool = False, **kwargs) -> torch.nn.Module:
+    """A tiny timm `ResNet` with BatchNorm (basic blocks, or bottlenecks), stem as wide as the first stage."""
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    return ResNet(Bottleneck if bottleneck else BasicBlock, layers=list(layers), channels=tuple(channels),
+                  stem_width=channels[0], num_classes=num_classes, **kwargs)
+
+
+def timm_resnet_classifier(**kwargs) -> TimmClassifier:
+    """A tiny timm ResNet (`timm_resnet(**kwargs)`) in a `TimmClassifier` user module."""
+    return TimmClassifier(timm_resnet(**kwargs))
+
+
+def transformers_resnet(*, hidden_sizes: tuple[int, ...] = (8, 16, 32, 64), depths: tuple[int, ...] = (1, 1, 1, 1),
+                        embedding_size: int = 8, layer_type: str = "basic", num_labels: int = 3,
+                        **kwargs) -> torch.nn.Module:
+    """A tiny transformers `ResNetForImageClassification` (BatchNorm after every convolution)."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(embedding_size=embedding_size, hidden_sizes=list(hidden_sizes),
+                                                     depths=list(depths), layer_type=layer_type, num_labels=num_labels,
+                                                     **kwargs))
+
+
+TEXT_VOCAB_SIZE = 64
+TEXT_LENGTH = 12
+
+
+def transformers_bert(*, hidden_size: int = 16, num_hidden_layers: int = 2, num_attention_heads: int = 2,
+                      intermediate_size: int = 32, vocab_size: int = TEXT_VOCAB_SIZE, num_labels: int = 3,
+                      **kwargs) -> torch.nn.Module:
+    """A tiny BERT-style encoder with a sequence-classification head (`BertForSequenceClassification`)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                                                    num_attention_heads=num_attention_heads,
+                                                    intermediate_size=intermediate_size, vocab_size=vocab_size,
+                                                    max_position_embeddings=4 * TEXT_LENGTH, num_labels=num_labels,
+                                                    **kwargs))
+
+
+INPUTS: dict[str, dict] = {
+    "transformers_vit": {"image_size": 16},
+    "transformers_convnext": {"image_size": 32},
+    "transformers_swin": {"image_size": 32},
+    "transformers_resnet": {"image_size": 32},
+    "timm_wrapped_vit": {"image_size": 16},
+    "timm_convnext_classifier": {"image_size": 32},
+    "timm_resnet_classifier": {"image_size": 32},
+    "transformers_bert": {"vocab_size": TEXT_VOCAB_SIZE, "length": TEXT_LENGTH},
+}
+"""What each Trainer-ready builder takes: `{"image_size"}` (`pixel_values`, 3 channels) or `{"vocab_size", "length"}`
+(`input_ids` and `attention_mask`); all take `labels` in `range(3)`."""
 
 
 TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
