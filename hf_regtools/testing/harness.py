@@ -3,7 +3,8 @@
 Each technique's registry entry holds `harness={"cases": {name: case}}`; a case names a tiny model from
 `tiny_models` (`"model"`, `"model_kwargs"`), the callbacks to attach (`"callbacks"`: `("module:Class", kwargs)`
 pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) with its constructor arguments
-(`"trainer_init_kwargs"`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
+(`"trainer_init_kwargs"`), an optimizer class (`"optimizer"`: a `("module:Class", kwargs)` pair, passed as
+`optimizer_cls_and_kwargs`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
 the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
 
 Models cover both libraries and both modalities (`tiny_models.INPUTS`): transformers models, timm models as they
@@ -86,10 +87,13 @@ def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, 
                     restore_callback_states_from_checkpoint=True, dataloader_num_workers=0, disable_tqdm=True)
     settings.update(case.get("trainer_kwargs", {}))
     settings.update(args)
+    init_kwargs = dict(trainer_init_kwargs if trainer_init_kwargs is not None else case.get("trainer_init_kwargs", {}))
+    if "optimizer" in case:
+        target, optimizer_kwargs = case["optimizer"]
+        init_kwargs.setdefault("optimizer_cls_and_kwargs", (_load(target), dict(optimizer_kwargs)))
     return trainer_class(model=model if model is not None else build_model(case, seed),
                          args=TrainingArguments(**settings), train_dataset=dataset(case, dataset_size),
-                         callbacks=callbacks if callbacks is not None else build_callbacks(case),
-                         **(trainer_init_kwargs if trainer_init_kwargs is not None else case.get("trainer_init_kwargs", {})))
+                         callbacks=callbacks if callbacks is not None else build_callbacks(case), **init_kwargs)
 
 
 def emulate_fp16_loss_scaling(trainer, init_scale: float = 2.0 ** 16) -> None:

@@ -7,7 +7,7 @@ same family. All are small enough to train for a few steps on CPU in a fraction 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
 "logits"}`. BatchNorm ResNets (`timm_resnet`, `transformers_resnet`) and a BERT-style text encoder
-(`transformers_bert`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
+(`transformers_bert`) and a bias-free MLP without normalization (`mlp_classifier`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
 """
 
 from __future__ import annotations
@@ -140,6 +140,32 @@ def transformers_resnet(*, hidden_sizes: tuple[int, ...] = (8, 16, 32, 64), dept
                                                      **kwargs))
 
 
+class MLPClassifier(torch.nn.Module):
+    """A plain MLP on flattened images, of bias-free linear layers only (no normalization): every parameter is a
+    matrix. `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
+
+    def __init__(self, in_features: int, width: int, depth: int, num_labels: int):
+        super().__init__()
+        sizes = [in_features, *[width] * (depth - 1), num_labels]
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b, bias=False) for a, b in zip(sizes, sizes[1:]))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        hidden = pixel_values.flatten(1)
+        for layer in self.layers[:-1]:
+            hidden = torch.relu(layer(hidden))
+        logits = self.layers[-1](hidden)
+        outputs = {"logits": logits}
+        if labels is not None:
+            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return outputs
+
+
+def mlp_classifier(*, image_size: int = 8, channels: int = 3, width: int = 32, depth: int = 3,
+                   num_labels: int = 3) -> MLPClassifier:
+    """A tiny `MLPClassifier` for `channels` x `image_size` x `image_size` images."""
+    return MLPClassifier(channels * image_size * image_size, width, depth, num_labels)
+
+
 TEXT_VOCAB_SIZE = 64
 TEXT_LENGTH = 12
 
@@ -165,6 +191,7 @@ INPUTS: dict[str, dict] = {
     "timm_wrapped_vit": {"image_size": 16},
     "timm_convnext_classifier": {"image_size": 32},
     "timm_resnet_classifier": {"image_size": 32},
+    "mlp_classifier": {"image_size": 8},
     "transformers_bert": {"vocab_size": TEXT_VOCAB_SIZE, "length": TEXT_LENGTH},
 }
 """What each Trainer-ready builder takes: `{"image_size"}` (`pixel_values`, 3 channels) or `{"vocab_size", "length"}`
