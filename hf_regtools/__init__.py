@@ -26,8 +26,8 @@ _EXPORTS = {
     "hf_regtools.checkpoint": ("CheckpointError", "CheckpointReader"),
     "hf_regtools.schedules": ("drop_schedule", "drop_schedule_array", "svrg_alpha_schedule"),
     "hf_regtools.surgery": ("replace_modules",),
-    "hf_regtools.optim": ("PaperWeightDecayMixin", "decay_parameter_names", "no_weight_decay_names",
-                          "param_groups_weight_decay"),
+    "hf_regtools.optim": ("AGD", "AGDMetricsCallback", "PaperWeightDecayMixin", "agd_init_", "decay_parameter_names",
+                          "no_weight_decay_names", "param_groups_weight_decay"),
     "hf_regtools.diagnostics": ("GradientDiagnosticsCallback", "flat_gradient", "gradient_direction_error",
                                 "gradient_direction_variance", "gradient_variance_metrics", "plot_diagnostics"),
 }
@@ -53,7 +53,8 @@ if TYPE_CHECKING:
                               gradient_direction_variance, gradient_variance_metrics, plot_diagnostics)
     from .hub import (HubError, ResolvedModel, TechniqueUse, add_techniques_to_card, load_model, push_folder,
                       resolve_model)
-    from .optim import PaperWeightDecayMixin, decay_parameter_names, no_weight_decay_names, param_groups_weight_decay
+    from .optim import (AGD, AGDMetricsCallback, PaperWeightDecayMixin, agd_init_, decay_parameter_names,
+                        no_weight_decay_names, param_groups_weight_decay)
     from .schedules import drop_schedule, drop_schedule_array, svrg_alpha_schedule
     from .surgery import replace_modules
     from .trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback

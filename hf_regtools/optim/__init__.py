@@ -1,4 +1,5 @@
-"""Optimizer helpers: the weight-decay grouping of the papers' recipes, for the Trainer and for custom loops.
+"""Optimizers and optimizer helpers: Automatic Gradient Descent (`AGD`, `agd_init_`, see `README.md` here) and the
+weight-decay grouping of the papers' recipes, for the Trainer and for custom loops.
 
 The official code of *Dropout Reduces Underfitting* (`facebookresearch/dropout`) and *A Coefficient Makes SVRG
 Effective* (`davidyyd/alpha-SVRG`), like the ConvNeXt codebase they build on, groups parameters in
@@ -11,12 +12,29 @@ only exempts biases and LayerNorm weights, so it decays timm's `cls_token` / `po
 from __future__ import annotations
 
 import re
+from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PaperWeightDecayMixin", "decay_parameter_names", "no_weight_decay_names", "param_groups_weight_decay"]
+    from .agd import AGD, agd_init_
+    from .agd_callback import AGDMetricsCallback
+
+_LAZY = {"AGD": ".agd", "agd_init_": ".agd", "AGDMetricsCallback": ".agd_callback"}
+
+__all__ = ["AGD", "AGDMetricsCallback", "PaperWeightDecayMixin", "agd_init_", "decay_parameter_names",
+           "no_weight_decay_names", "param_groups_weight_decay"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:

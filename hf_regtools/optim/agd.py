@@ -1,0 +1,233 @@
+"""Automatic Gradient Descent (Bernstein et al., 2023, arXiv:2304.05187): `AGD` and its initialization `agd_init_`.
+
+For every weight `W_k` of shape `(d_k, d_{k-1}, *kernel)` (a matrix, or a convolution kernel whose every kernel
+position is a `d_k x d_{k-1}` slice), with `L` the number of weight tensors and
+`s_k = sqrt(d_k / d_{k-1}) / sqrt(prod(kernel))`:
+
+```
+init:  every slice of W_k ~ uniform semi-orthogonal, times s_k
+step:  G = (1/L) sum_k s_k sum_slices ||grad W_k||_F
+       eta = log((1 + sqrt(1 + 4 G)) / 2)
+       W_k <- W_k - gain * lr * (eta / L) * s_k * grad W_k / ||grad W_k||_F      (norm per slice)
+```
+
+as the official `agd.py` of `jxbz/agd` computes it. See the method card, `hf_regtools/optim/README.md`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["AGD", "agd_init_"]
+
+_UNSUPPORTED_FIX = (
+    "AGD has no update rule for biases or normalization weights (the official code refuses them too): build the model "
+    "without them (`nn.Linear(..., bias=False)`, `nn.Conv2d(..., bias=False)`, `nn.LayerNorm(..., "
+    "elementwise_affine=False)`, `nn.BatchNorm2d(..., affine=False)`), freeze them (`p.requires_grad_(False)`: the "
+    "Trainer hands the optimizer trainable parameters only), or leave them out of AGD's parameters and give them to "
+    "another optimizer."
+)
+
+
+def _singular_value_scale(shape: torch.Size) -> float:
+    """`s_k = sqrt(d_k / d_{k-1}) / sqrt(kh * kw * ...)`: the target singular value of every slice of a weight."""
+    return math.sqrt(shape[0] / shape[1]) / math.sqrt(math.prod(shape[2:]))
+
+
+def _named_tensors(params) -> list[list[tuple[str, torch.Tensor]]]:
+    """Parameters as named groups: a module's trainable parameters by name, or tensors / param groups by position
+    (by the groups' `param_names` where torch put them)."""
+    if isinstance(params, torch.nn.Module):
+        return [[(name, p) for name, p in params.named_parameters() if p.requires_grad]]
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or of param groups (dicts), or a module; got a tensor")
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        return [[(name, p) for name, p in params]]
+    if params and isinstance(params[0], dict):
+        groups = []
+        for index, group in enumerate(params):
+            tensors = group["params"]
+            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            names = group.get("param_names") or [f"param_groups[{index}]['params'][{j}]" for j in range(len(tensors))]
+            groups.append(list(zip(names, tensors)))
+        return groups
+    return [[(f"params[{j}]", p) for j, p in enumerate(params)]]
+
+
+def _check_matrices(named: Iterable[tuple[str, torch.Tensor]], caller: str) -> None:
+    unsupported = [f"{name} (shape {tuple(p.shape)})" for name, p in named if p.dim() < 2]
+    if unsupported:
+        raise ValueError(f"{caller} handles weights of 2 or more dimensions only (matrices, convolution kernels); "
+                         f"got {len(unsupported)} with fewer: {', '.join(unsupported)}. {_UNSUPPORTED_FIX}")
+
+
+@torch.no_grad()
+def agd_init_(model_or_params):
+    """Initialize weights in place as AGD prescribes: uniform semi-orthogonal, scaled to singular values `s_k`.
+
+    Each 2-D weight `(d_k, d_{k-1})`, and each `d_k x d_{k-1}` slice of a convolution kernel (one per kernel
+    position), is drawn with `torch.nn.init.orthogonal_` (Haar-uniform over semi-orthogonal matrices, from torch's
+    global RNG) and multiplied by `s_k = sqrt(d_k / d_{k-1}) / sqrt(prod(kernel))`, so `W^T W = s_k^2 I` for tall and
+    square slices and `W W^T = s_k^2 I` for wide ones. Tensors are drawn in parameter order and kernel positions in
+    row-major order, as the official `AGD.init_weights` does: under the same seed both give the same weights. The
+    `Parameter` objects are kept.
+
+    Args:
+        model_or_params (`torch.nn.Module`, iterable of tensors or of param groups): what to initialize; a module's
+            trainable parameters (frozen ones are left as they are).
+
+    Returns:
+        `model_or_params`, initialized.
+
+    Raises:
+        `ValueError`: before changing anything, if a tensor has fewer than 2 dimensions (names them).
+
+    Example:
+
+    ```python
+    import torch
+    from hf_regtools.optim import agd_init_
+
+    torch.manual_seed(0)
+    layer = agd_init_(torch.nn.Linear(4, 8, bias=False))   # tall: W^T W = (8 / 4) I
+    assert torch.allclose(layer.weight.T @ layer.weight, 2.0 * torch.eye(4), atol=1e-5)
+    ```
+    """
+    if isinstance(model_or_params, torch.nn.Module):
+        named = _named_tensors(model_or_params)[0]
+    else:
+        model_or_params = list(model_or_params)
+        named = [item for group in _named_tensors(model_or_params) for item in group]
+    _check_matrices(named, "agd_init_")
+    for _, weight in named:
+        for position in itertools.product(*(range(size) for size in weight.shape[2:])):
+            torch.nn.init.orthogonal_(weight[(slice(None), slice(None), *position)])
+        weight.mul_(_singular_value_scale(weight.shape))
+    return model_or_params
+
+
+class AGD(torch.optim.Optimizer):
+    """Automatic Gradient Descent: a learning-rate-free optimizer for weight matrices (and convolution kernels).
+
+    Every step rescales each weight's gradient to the norm `gain * lr * (eta / L) * s_k` (per kernel slice for
+    convolutions), where `eta = log((1 + sqrt(1 + 4 G)) / 2)` is set from the gradient summary
+    `G = (1/L) sum_k s_k ||grad W_k||_F` of the whole network, `L` is the number of parameter tensors in the
+    optimizer and `s_k = sqrt(d_k / d_{k-1}) / sqrt(kh * kw)`. Weights whose gradient is zero (`nan_to_num` of the
+    official code) or `None` do not move; they count in `L`. Pair it with `agd_init_` (the paper's
+    initialization), which is separate so that resuming or fine-tuning keeps the weights.
+
+    `lr` multiplies `gain` in each param group, so LR schedulers (the Trainer's, `torch.optim.lr_scheduler`) scale
+    the automatic step: the default `lr=1.0` with a constant schedule is the paper's step. There is no state
+    besides the param groups; `eta` and `gradient_summary` hold the last step's `eta` and `G` (0-dim tensors, on
+    the first parameter's device, `None` before the first step).
+
+    With the Trainer: `Trainer(..., optimizer_cls_and_kwargs=(AGD, {}))` and
+    `TrainingArguments(lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)` for the paper's
+    algorithm (the Trainer's default linear decay scales the step down to 0, and its clipping changes `G`);
+    `AGDMetricsCallback` logs `eta`. In a custom loop: `loss.backward(); optimizer.step(); optimizer.zero_grad()`.
+
+    Args:
+        params (iterable of tensors, of `(name, tensor)` pairs or of param groups, or `torch.nn.Module`): the
+            weights, every one with 2 or more dimensions (a module's trainable parameters when given a module, as the
+            official `AGD(net)`); names, where given, appear in errors.
+        lr (`float`, *optional*, defaults to 1.0): multiplier of `gain`, per param group; for schedulers.
+        gain (`float`, *optional*, defaults to 1.0): the official gain (its README suggests trying 10 for speed).
+
+    Raises:
+        `ValueError`: at construction, if a parameter has fewer than 2 dimensions (named, with the fix), if a param
+            group has a nonzero `weight_decay` (AGD has none), or if `lr` / `gain` is negative or not finite.
+
+    Example:
+
+    ```python
+    import torch
+    from hf_regtools.optim import AGD, agd_init_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 2, bias=False))
+    agd_init_(model)
+    optimizer = AGD(model.parameters())
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert 0 < optimizer.eta < 1
+    ```
+    """
+
+    def __init__(self, params, lr: float = 1.0, *, gain: float = 1.0):
+        params = params if isinstance(params, torch.nn.Module) else list(params)
+        named = [item for group in _named_tensors(params) for item in group]
+        if isinstance(params, torch.nn.Module) or (params and isinstance(params[0], tuple)):
+            params = [p for _, p in named]
+        _check_matrices(named, "AGD")
+        for name, value in (("lr", lr), ("gain", gain)):
+            _check_multiplier(name, value, "the constructor")
+        self.eta: torch.Tensor | None = None
+        self.gradient_summary: torch.Tensor | None = None
+        super().__init__(params, dict(lr=lr, gain=gain, weight_decay=0.0))
+
+    def add_param_group(self, param_group: dict) -> None:
+        index = len(self.param_groups)
+        _check_matrices(_named_tensors([param_group])[0], "AGD")
+        decay = param_group.get("weight_decay", 0.0)
+        if decay:
+            raise ValueError(
+                f"AGD has no weight decay (neither the paper's algorithm nor the official code has one); param group "
+                f"{index} has weight_decay={decay}. With the Trainer set `TrainingArguments(weight_decay=0.0)` (the "
+                f"default); otherwise drop `weight_decay` from the group.")
+        for name in ("lr", "gain"):
+            if name in param_group:
+                _check_multiplier(name, param_group[name], f"param group {index}")
+        super().add_param_group(param_group)
+
+    @property
+    def depth(self) -> int:
+        """`L`: the number of parameter tensors in the optimizer."""
+        return sum(len(group["params"]) for group in self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AGD update from the current gradients. Returns the closure's loss, if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        layers = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not layers:
+            return loss
+        depth = self.depth
+        norms, total = [], None
+        for _, p in layers:
+            if p.grad.is_sparse:
+                raise RuntimeError("AGD does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
+            low_precision = p.grad.dtype in (torch.float16, torch.bfloat16)
+            norm = torch.linalg.vector_norm(p.grad, dim=(0, 1), keepdim=True,
+                                            dtype=torch.float32 if low_precision else None)
+            norms.append(norm)
+            term = _singular_value_scale(p.shape) * norm.sum()
+            total = term if total is None else total + term.to(total.device)
+        summary = total / depth
+        eta = torch.log(0.5 * (1 + torch.sqrt((1 + 4 * summary).double())))
+        coefficients = {}
+        for (group, p), norm in zip(layers, norms):
+            key = id(group)
+            if key not in coefficients:
+                coefficients[key] = group["gain"] * group["lr"] * eta / depth
+            coefficient = coefficients[key].to(norm.device)
+            factor = coefficient * torch.nan_to_num(_singular_value_scale(p.shape) / norm)
+            p.sub_(factor * p.grad)
+        self.eta, self.gradient_summary = eta, summary
+        return loss
+
+
+def _check_multiplier(name: str, value, where: str) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"AGD's {name} must be a finite number >= 0; got {name}={value!r} in {where}")
