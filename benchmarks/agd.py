@@ -1,9 +1,9 @@
 """Benchmark: the cost of an `AGD` step against `torch.optim.SGD` on the same model, and (with `--digits`) AGD's
 accuracy against Adam on scikit-learn's digits.
 
-Timing: each model gets fixed gradients from one backward pass; the figure is the median over repetitions of
-`optimizer.step()` alone and of a whole training step (forward, backward, step, `zero_grad`), for SGD (lr 0.1, torch's
-default implementation for the device) and for AGD, interleaved, in the same process and threads. Models: the
+Timing: the median over repetitions of `optimizer.step()` alone (after a backward pass) and of a whole training step
+(forward, backward, step, `zero_grad`), for SGD (lr 0.1) and Adam (torch's default implementations for the device) and
+for AGD, interleaved, in the same process and threads; AGD's time is printed as a ratio to SGD's and Adam's. Models: the
 official code's fully connected network (`architecture/fcn.py` of `jxbz/agd`: bias-free, ReLU times sqrt(2)) at depth
 8, width 512 on 32x32x3 inputs, and a bias-free 4-layer 3x3 convolutional network (64 channels, 32x32 inputs).
 
@@ -55,7 +55,8 @@ def conv_net(channels: int, depth: int, num_labels: int = 10) -> torch.nn.Module
 
 def time_steps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, repeats: int) -> dict[str, float]:
     agd_init_(model)
-    optimizers = {"SGD": torch.optim.SGD(model.parameters(), lr=0.1), "AGD": AGD(model.parameters())}
+    optimizers = {"SGD": torch.optim.SGD(model.parameters(), lr=0.1), "Adam": torch.optim.Adam(model.parameters()),
+                  "AGD": AGD(model.parameters())}
 
     def train_step(optimizer):
         torch.nn.functional.cross_entropy(model(inputs), labels).backward()
@@ -84,14 +85,14 @@ def timing(args) -> None:
     torch.manual_seed(0)
     models = {f"FCN depth 8 width {width}": FCN(3 * 32 * 32, width, 8, 10),
               f"conv net 4x{channels} channels 3x3": conv_net(channels, 4)}
-    print(f"{torch.get_num_threads()} threads, batch {batch}, median of {repeats}")
-    print(f"{'model':<34}{'SGD step ms':>13}{'AGD step ms':>13}{'x SGD':>8}{'SGD train ms':>14}{'AGD train ms':>14}"
-          f"{'x SGD':>8}")
+    print(f"{torch.get_num_threads()} threads, batch {batch}, median of {repeats}; ms, and AGD's time as a ratio")
+    print(f"{'model':<34}{'what':<12}{'SGD':>9}{'Adam':>9}{'AGD':>9}{'AGD/SGD':>9}{'AGD/Adam':>10}")
     for label, model in models.items():
         t = time_steps(model, inputs, labels, repeats)
-        print(f"{label:<34}{t['SGD step'] * 1e3:>13.3f}{t['AGD step'] * 1e3:>13.3f}{t['AGD step'] / t['SGD step']:>8.2f}"
-              f"{t['SGD train step'] * 1e3:>14.3f}{t['AGD train step'] * 1e3:>14.3f}"
-              f"{t['AGD train step'] / t['SGD train step']:>8.2f}")
+        for kind in ("step", "train step"):
+            sgd, adam, agd = (t[f"{name} {kind}"] for name in ("SGD", "Adam", "AGD"))
+            print(f"{label:<34}{kind:<12}{sgd * 1e3:>9.3f}{adam * 1e3:>9.3f}{agd * 1e3:>9.3f}{agd / sgd:>9.2f}"
+                  f"{agd / adam:>10.2f}")
 
 
 def digits(args) -> None:

@@ -172,6 +172,7 @@ class AGD(torch.optim.Optimizer):
             _check_multiplier(name, value, "the constructor")
         self.eta: torch.Tensor | None = None
         self.gradient_summary: torch.Tensor | None = None
+        self._scales: dict[tuple, torch.Tensor] = {}
         super().__init__(params, dict(lr=lr, gain=gain, weight_decay=0.0))
 
     def add_param_group(self, param_group: dict) -> None:
@@ -193,6 +194,16 @@ class AGD(torch.optim.Optimizer):
         """`L`: the number of parameter tensors in the optimizer."""
         return sum(len(group["params"]) for group in self.param_groups)
 
+    def _slice_scales(self, device: torch.device, dtype: torch.dtype, shapes: tuple[torch.Size, ...]) -> torch.Tensor:
+        """`s_k` once per slice of every weight (kernel positions row-major), cached while the shapes stay."""
+        key = (device, dtype, shapes)
+        if key not in self._scales:
+            if len(self._scales) > 8:
+                self._scales.clear()
+            values = [_singular_value_scale(shape) for shape in shapes for _ in range(math.prod(shape[2:]))]
+            self._scales[key] = torch.tensor(values, dtype=dtype, device=device)
+        return self._scales[key]
+
     @torch.no_grad()
     def step(self, closure=None):
         """One AGD update from the current gradients. Returns the closure's loss, if a closure is given."""
@@ -200,32 +211,35 @@ class AGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layers = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not layers:
+        by_device: dict[torch.device, list[tuple[dict, torch.Tensor]]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError("AGD does not support sparse gradients (nn.Embedding(sparse=True), ...)")
+                    by_device.setdefault(p.device, []).append((group, p))
+        if not by_device:
             return loss
         depth = self.depth
-        norms, total = [], None
-        for _, p in layers:
-            if p.grad.is_sparse:
-                raise RuntimeError("AGD does not support sparse gradients (e.g. nn.Embedding(sparse=True))")
-            low_precision = p.grad.dtype in (torch.float16, torch.bfloat16)
-            norm = torch.linalg.vector_norm(p.grad, dim=(0, 1), keepdim=True,
-                                            dtype=torch.float32 if low_precision else None)
-            norms.append(norm)
-            term = _singular_value_scale(p.shape) * norm.sum()
-            total = term if total is None else total + term.to(total.device)
+        batches, total = [], 0
+        for device, layers in by_device.items():
+            norms = torch.cat([torch.linalg.vector_norm(p.grad.reshape(p.shape[0] * p.shape[1], -1), dim=0,
+                                                        dtype=_norm_dtype(p.grad)) for _, p in layers])
+            scales = self._slice_scales(device, norms.dtype, tuple(p.shape for _, p in layers))
+            batches.append((device, layers, norms, scales))
+            total = total + (scales * norms).sum().to(batches[0][0])
         summary = total / depth
         eta = torch.log(0.5 * (1 + torch.sqrt((1 + 4 * summary).double())))
-        coefficients = {}
-        for (group, p), norm in zip(layers, norms):
-            key = id(group)
-            if key not in coefficients:
-                coefficients[key] = group["gain"] * group["lr"] * eta / depth
-            coefficient = coefficients[key].to(norm.device)
-            factor = coefficient * torch.nan_to_num(_singular_value_scale(p.shape) / norm)
-            p.sub_(factor * p.grad)
+        for device, layers, norms, scales in batches:
+            factors = torch.nan_to_num(scales / norms * (eta / depth).to(device))
+            for (group, p), factor in zip(layers, factors.split([math.prod(p.shape[2:]) for _, p in layers])):
+                p.addcmul_(p.grad, factor.view(1, 1, *p.shape[2:]), value=-group["gain"] * group["lr"])
         self.eta, self.gradient_summary = eta, summary
         return loss
+
+
+def _norm_dtype(grad: torch.Tensor) -> torch.dtype | None:
+    return torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else None
 
 
 def _check_multiplier(name: str, value, where: str) -> None:
