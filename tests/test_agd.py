@@ -165,6 +165,14 @@ def test_one_dimensional_parameters_raise_naming_them_before_anything_changes():
         optimizer.add_param_group({"params": [model[1].weight]})
 
 
+def test_sharded_parameters_raise():
+    class DTensor(torch.nn.Parameter):   # what FSDP2 / tensor parallelism hand the optimizer, by type name
+        pass
+
+    with pytest.raises(ValueError, match=r"params\[0\] are sharded DTensors"):
+        AGD([DTensor(torch.randn(3, 3))])
+
+
 def test_weight_decay_and_bad_multipliers_raise():
     weight = torch.nn.Parameter(torch.randn(3, 3))
     with pytest.raises(ValueError, match=r"no weight decay.*param group 0 has weight_decay=0.01.*weight_decay=0.0"):

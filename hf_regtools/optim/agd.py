@@ -60,6 +60,11 @@ def _named_tensors(params) -> list[list[tuple[str, torch.Tensor]]]:
 
 
 def _check_matrices(named: Iterable[tuple[str, torch.Tensor]], caller: str) -> None:
+    named = list(named)
+    sharded = [name for name, p in named if type(p).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(f"{caller} needs whole weights to take their norms; {', '.join(sharded)} are sharded DTensors "
+                         f"(FSDP2 / tensor parallelism), which are not supported: train with DDP or one process.")
     unsupported = [f"{name} (shape {tuple(p.shape)})" for name, p in named if p.dim() < 2]
     if unsupported:
         raise ValueError(f"{caller} handles weights of 2 or more dimensions only (matrices, convolution kernels); "
