@@ -178,6 +178,9 @@ def test_weight_decay_and_bad_multipliers_raise():
     with pytest.raises(ValueError, match=r"no weight decay.*param group 0 has weight_decay=0.01.*weight_decay=0.0"):
         AGD([{"params": [weight], "weight_decay": 0.01}])
     AGD([{"params": [weight], "weight_decay": 0.0}, {"params": [], "weight_decay": 0.0}])  # the Trainer's groups
+    generator_group = AGD([{"params": (p for p in [weight])}])
+    generator_group.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.randn(2, 2))])})
+    assert [len(group["params"]) for group in generator_group.param_groups] == [1, 1]
     for kwargs in ({"lr": -1.0}, {"gain": float("nan")}):
         with pytest.raises(ValueError, match="finite number >= 0"):
             AGD([weight], **kwargs)

@@ -51,12 +51,15 @@ def _named_tensors(params) -> list[list[tuple[str, torch.Tensor]]]:
     if params and isinstance(params[0], dict):
         groups = []
         for index, group in enumerate(params):
-            tensors = group["params"]
-            tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+            tensors = _tensor_list(group["params"])
             names = group.get("param_names") or [f"param_groups[{index}]['params'][{j}]" for j in range(len(tensors))]
             groups.append(list(zip(names, tensors)))
         return groups
     return [[(f"params[{j}]", p) for j, p in enumerate(params)]]
+
+
+def _tensor_list(tensors) -> list[torch.Tensor]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
 
 
 def _check_matrices(named: Iterable[tuple[str, torch.Tensor]], caller: str) -> None:
@@ -169,6 +172,8 @@ class AGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1.0, *, gain: float = 1.0):
         params = params if isinstance(params, torch.nn.Module) else list(params)
+        if params and isinstance(params, list) and isinstance(params[0], dict):
+            params = [{**group, "params": _tensor_list(group["params"])} for group in params]
         named = [item for group in _named_tensors(params) for item in group]
         if isinstance(params, torch.nn.Module) or (params and isinstance(params[0], tuple)):
             params = [p for _, p in named]
@@ -182,6 +187,7 @@ class AGD(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         index = len(self.param_groups)
+        param_group = {**param_group, "params": _tensor_list(param_group["params"])}
         _check_matrices(_named_tensors([param_group])[0], "AGD")
         decay = param_group.get("weight_decay", 0.0)
         if decay:
