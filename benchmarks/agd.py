@@ -5,7 +5,7 @@ Timing: the median over repetitions of `optimizer.step()` alone (after a backwar
 (forward, backward, step, `zero_grad`), for SGD (lr 0.1) and Adam (torch's default implementations for the device) and
 for AGD, interleaved, in the same process and threads; AGD's time is printed as a ratio to SGD's and Adam's. Models: the
 official code's fully connected network (`architecture/fcn.py` of `jxbz/agd`: bias-free, ReLU times sqrt(2)) at depth
-8, width 512 on 32x32x3 inputs, and a bias-free 4-layer 3x3 convolutional network (64 channels, 32x32 inputs).
+8, width 512 on 32x32x3 inputs, and a bias-free 4-layer 3x3 convolutional network (32 channels, 16x16 inputs).
 
 Digits (`--digits`): the official FCN layout at depth 3, width 128 on the 8x8 digits (1,437 training / 360 test
 images, `hf_regtools.testing.digits`), batch 64, cross-entropy, 5 seeds: AGD (gain 1 and 10) from `agd_init_`
@@ -78,17 +78,17 @@ def time_steps(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tenso
 
 
 def timing(args) -> None:
-    width, channels, batch, repeats = (64, 8, 8, 3) if args.quick else (512, 64, 128, 10)
+    width, channels, batch, repeats = (64, 8, 8, 3) if args.quick else (512, 32, 128, 10)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(batch, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (batch,), generator=generator)
     torch.manual_seed(0)
-    models = {f"FCN depth 8 width {width}": FCN(3 * 32 * 32, width, 8, 10),
-              f"conv net 4x{channels} channels 3x3": conv_net(channels, 4)}
+    models = {f"FCN depth 8 width {width}": (FCN(3 * 32 * 32, width, 8, 10), inputs),
+              f"conv net 4x{channels} channels 3x3": (conv_net(channels, 4), inputs[:, :, ::2, ::2])}
     print(f"{torch.get_num_threads()} threads, batch {batch}, median of {repeats}; ms, and AGD's time as a ratio")
     print(f"{'model':<34}{'what':<12}{'SGD':>9}{'Adam':>9}{'AGD':>9}{'AGD/SGD':>9}{'AGD/Adam':>10}")
-    for label, model in models.items():
-        t = time_steps(model, inputs, labels, repeats)
+    for label, (model, model_inputs) in models.items():
+        t = time_steps(model, model_inputs, labels, repeats)
         for kind in ("step", "train step"):
             sgd, adam, agd = (t[f"{name} {kind}"] for name in ("SGD", "Adam", "AGD"))
             print(f"{label:<34}{kind:<12}{sgd * 1e3:>9.3f}{adam * 1e3:>9.3f}{agd * 1e3:>9.3f}{agd / sgd:>9.2f}"
