@@ -72,23 +72,30 @@ class _StochNorm(nn.Module):
         return self._train_forward(input)
 
     def _train_forward(self, input: torch.Tensor) -> torch.Tensor:
-        count = input.numel() // max(input.shape[1], 1)
-        if count < 2:
+        if input.numel() // max(input.shape[1], 1) < 2:
             raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode (BatchNorm "
                              f"statistics), got an input of size {tuple(input.shape)}")
         use_batch = torch.bernoulli(torch.full((self.num_features,), self.p, device=input.device)).bool()
-        output, mean, var = _StochNormFunction.apply(input, self.weight, self.bias, self.running_mean,
-                                                     self.running_var, use_batch, self.eps)
-        self._update_running_stats(mean, var * (count / (count - 1)))
-        return output
+        mean, var = self._chosen_statistics(input, use_batch)
+        return _StochNormFunction.apply(input, self.weight, self.bias, mean, var, use_batch, self.eps)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """As `BatchNorm` in training mode: every forward, whichever branch each channel used."""
+    def _chosen_statistics(self, input: torch.Tensor, use_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per channel, `(mean, biased variance)` of the chosen branch: the batch statistics where `use_batch`, the
+        moving ones from before this batch elsewhere. Updates the moving statistics with BatchNorm's own kernel, as its
+        training forward does, whichever branch each channel uses."""
+        compute = input.float() if input.dtype in _HALF else input
+        same_dtype = self.running_mean.dtype == compute.dtype
+        running_mean = self.running_mean if same_dtype else self.running_mean.to(compute.dtype)
+        running_var = self.running_var if same_dtype else self.running_var.to(compute.dtype)
+        moving_mean, moving_var = running_mean.clone(), running_var.clone()
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+        batch_mean, batch_var = torch.batch_norm_update_stats(compute, running_mean, running_var, factor)
+        if not same_dtype:
+            self.running_mean.copy_(running_mean)
+            self.running_var.copy_(running_var)
+        return torch.where(use_batch, batch_mean, moving_mean), torch.where(use_batch, batch_var, moving_var)
 
     @classmethod
     def from_batchnorm(cls, batch_norm: nn.Module, *, p: float = 0.5) -> _StochNorm:
@@ -107,52 +114,42 @@ class _StochNorm(nn.Module):
 
 
 class _StochNormFunction(torch.autograd.Function):
-    """Per channel, BatchNorm with the statistics of the chosen branch: the mini-batch mean and variance where
-    `use_batch`, the moving ones elsewhere. The output equals the official `(1 - s) * z0 + s * z1` (z0 normalized by
-    the moving statistics, z1 by the batch statistics) at the cost of one normalization: the batch statistics are
-    computed once and one fused `batch_norm` applies the chosen ones. The gradient flows through the batch statistics
-    of the batch-statistics channels only, as in BatchNorm's training mode; the moving statistics are constants.
+    """BatchNorm with given per-channel statistics (`mean`, `var`: batch statistics where `use_batch`, moving ones
+    elsewhere), differentiated as BatchNorm's training mode on the batch-statistics channels (the gradient flows
+    through the batch mean and variance) and as its eval mode on the others (the moving statistics are constants).
 
-    Returns the output and the batch mean and biased variance (float32 for half inputs), for the running statistics.
+    The output equals the official `(1 - s) * z0 + s * z1` (z0 normalized by the moving statistics, z1 by the batch
+    statistics) at the cost of one normalization: one fused `batch_norm` applies the chosen statistics, and the
+    backward is one fused BatchNorm backward plus one pass.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, use_batch, eps):
+    def forward(ctx, input, weight, bias, mean, var, use_batch, eps):
         compute = input.float() if input.dtype in _HALF else input
-        reduce = [0, *range(2, input.dim())]
-        var, mean = torch.var_mean(compute, dim=reduce, correction=0)
-        mixed_mean = torch.where(use_batch, mean, running_mean.to(mean.dtype))
-        mixed_var = torch.where(use_batch, var, running_var.to(var.dtype))
-        cast = (lambda t: None if t is None else t.to(compute.dtype))
-        output = F.batch_norm(compute, mixed_mean, mixed_var, cast(weight), cast(bias), False, 0.0, eps)
-        ctx.save_for_backward(input, weight, mixed_mean, mixed_var, use_batch)
+        cast = (lambda t: None if t is None else t.to(compute.dtype))  # noqa: E731
+        output = F.batch_norm(compute, mean, var, cast(weight), cast(bias), False, 0.0, eps)
+        ctx.save_for_backward(input, weight, mean, var, use_batch)
         ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        return output.to(input.dtype), mean, var
+        return output.to(input.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output, _grad_mean, _grad_var):
+    def backward(ctx, grad_output):
         input, weight, mean, var, use_batch = ctx.saved_tensors
         compute = input.float() if input.dtype in _HALF else input
         grad = grad_output.to(compute.dtype)
-        weight_c = None if weight is None else weight.to(compute.dtype)
-        # sums over batch and space of grad and grad * x_hat (x_hat normalized by the chosen statistics)
-        _, grad_x_hat_sum, grad_sum = torch.ops.aten.native_batch_norm_backward(
-            grad, compute, weight_c, mean, var, None, None, False, ctx.eps, [False, True, True])
-        count = input.numel() // input.shape[1]
+        gamma = torch.ones_like(mean) if weight is None else weight.to(compute.dtype)
         invstd = torch.rsqrt(var + ctx.eps)
-        scale = invstd if weight_c is None else weight_c * invstd
-        # batch-statistics channels: scale * (grad - mean(grad) - x_hat * mean(grad * x_hat)), i.e. grad * scale +
-        # x * slope + offset; moving-statistics channels: grad * scale
-        selected = use_batch.to(scale.dtype)
-        slope = -selected * scale * invstd * grad_x_hat_sum / count
-        offset = -selected * scale * grad_sum / count - slope * mean
-        shape = (1, -1) + (1,) * (input.dim() - 2)
-        grad_input = torch.addcmul(offset.view(shape), compute, slope.view(shape)).addcmul_(grad, scale.view(shape))
-        grad_weight = None if weight is None or not ctx.needs_input_grad[1] else grad_x_hat_sum.to(weight.dtype)
-        grad_bias = None if ctx.bias_dtype is None or not ctx.needs_input_grad[2] else grad_sum.to(ctx.bias_dtype)
-        return grad_input.to(input.dtype), grad_weight, grad_bias, None, None, None, None
+        batch = use_batch.to(compute.dtype)
+        needs_weight = weight is not None and ctx.needs_input_grad[1]
+        needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        # training-mode gradient, zero on the moving-statistics channels (their weight is 0 here) ...
+        grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, compute, gamma * batch, None, None, mean, invstd, True, ctx.eps, [True, needs_weight, needs_bias])
+        # ... plus the eval-mode gradient grad * gamma * invstd on the moving-statistics channels
+        grad_input.addcmul_(grad, (gamma * (1 - batch) * invstd).view((1, -1) + (1,) * (input.dim() - 2)))
+        return (grad_input.to(input.dtype), grad_weight.to(weight.dtype) if needs_weight else None,
+                grad_bias.to(ctx.bias_dtype) if needs_bias else None, None, None, None, None)
 
 
 def _share_tensors(source: nn.Module, target: nn.Module) -> None:
