@@ -35,7 +35,7 @@ class StochNormCallback(TechniqueMetricsCallback, ExportableState):
 
     Pass it to `Trainer(callbacks=[...])`: `on_init_end` converts the model before the optimizer and DDP exist.
     Added later (`trainer.add_callback`), it raises at `on_train_begin`, naming the fix. Logged as
-    `hf_regtools/stochnorm/p` (the mean `p` of the layers) and `hf_regtools/stochnorm/layers` (how many). In a custom
+    `hf_regtools/stochnorm/p` (the layers' `p`, their mean if they differ) and `hf_regtools/stochnorm/layers` (how many). In a custom
     loop, call `apply_stochnorm(model, p=...)` before creating the optimizer instead; nothing else is needed.
 
     Example:
@@ -65,11 +65,12 @@ class StochNormCallback(TechniqueMetricsCallback, ExportableState):
         self.layers = layers
 
     def metrics(self) -> dict[str, float]:
-        """The layers' mean `p` and their number, for `RegtoolsTrainerMixin.log`."""
+        """The layers' `p` (their mean if they differ) and their number, for `RegtoolsTrainerMixin.log`."""
         if not self.layers:
             return {}
         ps = [layer.p for layer in self.layers.values()]
-        return {"hf_regtools/stochnorm/p": sum(ps) / len(ps), "hf_regtools/stochnorm/layers": len(ps)}
+        p = ps[0] if len(set(ps)) == 1 else sum(ps) / len(ps)
+        return {"hf_regtools/stochnorm/p": p, "hf_regtools/stochnorm/layers": len(ps)}
 
     def state(self) -> dict:
         return {"args": self._ctor_args(), "attributes": {}}

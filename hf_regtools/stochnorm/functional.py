@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable
 
@@ -16,18 +17,18 @@ CONVERSIONS: dict[type[nn.Module], type[_StochNorm]] = {
     nn.BatchNorm2d: StochNorm2d,
     nn.BatchNorm3d: StochNorm3d,
 }
-"""BatchNorm class -> StochNorm class (timm's `BatchNormAct2d` -> `StochNormAct2d` is added when timm is installed)."""
+"""BatchNorm class -> StochNorm class (and timm's `BatchNormAct2d` -> `StochNormAct2d`, see `_conversions`)."""
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LazyBatchNorm1d,
                 nn.LazyBatchNorm2d, nn.LazyBatchNorm3d)
 
 
 def _conversions() -> dict[type[nn.Module], type[_StochNorm]]:
-    try:
-        from timm.layers import BatchNormAct2d
-    except ImportError:  # timm is a dependency, but the conversion of plain BatchNorm does not need it
-        return CONVERSIONS
-    return {**CONVERSIONS, BatchNormAct2d: StochNormAct2d}
+    """`CONVERSIONS`, and timm's `BatchNormAct2d` -> `StochNormAct2d` once timm is imported (a model holding a
+    `BatchNormAct2d` implies it is; converting other models then does not import timm)."""
+    timm_layers = sys.modules.get("timm.layers")
+    batch_norm_act = getattr(timm_layers, "BatchNormAct2d", None)
+    return CONVERSIONS if batch_norm_act is None else {**CONVERSIONS, batch_norm_act: StochNormAct2d}
 
 
 def _patterns(patterns: str | Iterable[str] | None, argument: str) -> list[re.Pattern] | None:
@@ -131,7 +132,8 @@ def _nothing_to_convert(model: nn.Module, include, exclude) -> str:
     if stochnorm_layers(model):
         return (f"{label} has StochNorm layers and no BatchNorm left (already converted); change p with "
                 "set_stochnorm_p(model, p)")
-    norms = Counter(type(module).__name__ for module in model.modules() if "Norm" in type(module).__name__)
+    norms = Counter(type(module).__name__ for module in model.modules()
+                    if re.search(r"Norm(\d+d)?$", type(module).__name__))
     found = ", ".join(f"{count} {kind}" for kind, count in norms.most_common()) or "no normalization layer"
     return (f"{label} has no BatchNorm layer (found {found}): StochNorm replaces BatchNorm1d/2d/3d and timm "
             "BatchNormAct2d only, so it does not apply to LayerNorm models such as ViT or ConvNeXt")
