@@ -1,12 +1,17 @@
 """Small real-data reproduction of the paper's claim: StochNorm helps fine-tuning a pretrained BatchNorm CNN on
 little data.
 
-A 3-convolution BatchNorm CNN is pre-trained on the digits 0-4 (all their training images, 300 SGD steps), then
+A 3-convolution BatchNorm CNN is pre-trained on the digits 0-4 (all their training images, 200 SGD steps), then
 fine-tuned onto the digits 5-9 from 10 training images per class (a new head; the official recipe scaled down: SGD
 Nesterov, momentum 0.9, weight decay 5e-4, backbone lr 0.01, head lr x10 with N(0, 0.01) init, lr x0.1 after 2/3 of
 the 150 steps, batch 10), with plain BatchNorm and with StochNorm (p 0.5 in every layer), 5 seeds (each: another
 10-per-class subset, head init and mask draw; the same data order for both arms). Scored by test accuracy on the
-digits 5-9 (held-out split). The measured numbers are in the method card ("Measured here").
+digits 5-9 (held-out split).
+
+Measured (5 seeds): test accuracy 0.939 with StochNorm vs 0.912 with BatchNorm (better in 4 seeds, equal in 1). Not
+robust: the same protocol with a backbone twice as wide (16-32-64 channels, 300 pre-training steps) gave 0.942 vs
+0.952 (better in 1 seed). So the test asserts only that StochNorm costs no more than `TOLERANCE` of mean accuracy; the
+numbers are in the method card ("Measured here").
 """
 
 import statistics
@@ -20,6 +25,7 @@ from hf_regtools.testing.digits import digits_dataset, tensors
 
 SEEDS = range(5)
 PER_CLASS, STEPS, BATCH = 10, 150, 10
+PRETRAIN_STEPS, WIDTH = 200, 32
 SOURCE, TARGET = range(5), range(5, 10)
 TOLERANCE = 0.02
 
@@ -28,18 +34,18 @@ def backbone() -> nn.Sequential:
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(1, 16), *block(16, 32), nn.MaxPool2d(2), *block(32, 64), nn.AdaptiveAvgPool2d(1),
+    return nn.Sequential(*block(1, 8), *block(8, 16), nn.MaxPool2d(2), *block(16, WIDTH), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten())
 
 
 def pretrain() -> nn.Sequential:
     torch.manual_seed(0)
-    features, head = backbone(), nn.Linear(64, len(SOURCE))
+    features, head = backbone(), nn.Linear(WIDTH, len(SOURCE))
     model = nn.Sequential(features, head)
     images, labels = tensors(digits_dataset(SOURCE, split="train"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for _ in range(PRETRAIN_STEPS):
         batch = torch.randint(0, len(labels), (64,), generator=generator)
         loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
         optimizer.zero_grad()
@@ -63,7 +69,7 @@ def fine_tune_accuracy(pretrained: nn.Sequential, seed: int, stochnorm: bool, te
     images, labels = few_shot_subset(seed)
     torch.manual_seed(seed)
     features = copy.deepcopy(pretrained)
-    head = nn.Linear(64, len(TARGET))
+    head = nn.Linear(WIDTH, len(TARGET))
     nn.init.normal_(head.weight, 0.0, 0.01)
     nn.init.zeros_(head.bias)
     if stochnorm:
