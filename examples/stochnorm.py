@@ -12,7 +12,8 @@ One process (CPU or GPU):
 
     python examples/stochnorm.py --model transformers-resnet --p 0.5
 
-Several processes (DDP; each process draws its own masks; on CPU give each process one thread):
+Several processes (DDP; each process draws its masks from its own torch generator; on CPU give each process one
+thread):
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/stochnorm.py --model timm-resnet
 
