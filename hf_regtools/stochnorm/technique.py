@@ -4,7 +4,7 @@ from .._registry import TechniqueInfo, register
 
 
 def _case(model: str, **settings) -> dict:
-    # masks are drawn per process, so 2 processes need not equal 1 process on the global batch
+    # batch statistics are per process (as with BatchNorm), so 2 processes do not equal 1 on the global batch
     return {"model": model, "callbacks": [("hf_regtools.stochnorm:StochNormCallback", settings)],
             "deterministic": False}
 
