@@ -25,7 +25,7 @@ class TechniqueInfo:
         name (`str`): package name under `hf_regtools/`, e.g. `"weight_selection"`.
         title (`str`): human-readable name.
         paper (`str`): paper title, authors and venue.
-        arxiv (`str`): arXiv identifier.
+        arxiv (`str`): arXiv identifier, or `""` for a paper without one (`url` is then `metadata.json`'s `link`).
         code_repo (`str`): official code repository (`owner/name`), or `""`.
         functional (`str`): functional core, as `"module:attribute"`.
         callback (`str`, *optional*): `TrainerCallback` class, as `"module:attribute"`.
@@ -54,7 +54,7 @@ class TechniqueInfo:
 
     @property
     def url(self) -> str:
-        return f"https://arxiv.org/abs/{self.arxiv}"
+        return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else self.metadata()["link"]
 
     @property
     def has_trainer_component(self) -> bool:

@@ -402,7 +402,8 @@ def add_techniques_to_card(card: ModelCard | str | os.PathLike, uses: list[Techn
     lines = [_SECTION_START, "## Training techniques (hf_regtools)", ""]
     for use in uses:
         info = get_technique(use.name)
-        lines += [f"### {info.title}", "", f"{info.paper} ([arXiv:{info.arxiv}]({info.url})).", "",
+        reference = f"arXiv:{info.arxiv}" if info.arxiv else "paper"
+        lines += [f"### {info.title}", "", f"{info.paper} ([{reference}]({info.url})).", "",
                   "| setting | value |", "|---|---|"]
         lines += [f"| `{key}` | `{value}` |" for key, value in use.settings.items()]
         lines.append("")

@@ -63,7 +63,7 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "weight_selection.py"]
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "stochnorm.py", "weight_selection.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -184,3 +184,33 @@ def test_alpha_svrg_example(mode, tmp_path, hub_env):
     losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
     assert len(losses) == 15 and all(0.0 < loss < 10.0 for loss in losses)
     assert 0.0 <= json.loads((out / "eval_results.json").read_text())["eval_accuracy"] <= 1.0
+
+
+def test_stochnorm_example_fine_tunes_and_pushes_a_model_that_loads_as_the_original_architecture(
+        tmp_path, fake_hub, hub_env):
+    out, trained_repo = tmp_path / "run", repo("stochnorm")
+    run_example("stochnorm.py", ["--model", "transformers-resnet", "--p", "0.3", "--max_steps", "4", *SMOKE,
+                                 "--output_dir", out, "--push_to_hub", "--hub_model_id", trained_repo], hub_env, tmp_path)
+    assert step_logs(out, "hf_regtools/stochnorm/p") == {s: 0.3 for s in range(1, 5)}
+
+    from transformers import ResNetForImageClassification
+
+    trained, info = ResNetForImageClassification.from_pretrained(trained_repo, output_loading_info=True)
+    batch_norms = sum(type(module) is torch.nn.BatchNorm2d for module in trained.modules())
+    assert not any(info.values()) and batch_norms > 0
+    assert set(step_logs(out, "hf_regtools/stochnorm/layers").values()) == {batch_norms}
+    assert int(trained.resnet.embedder.embedder.normalization.num_batches_tracked) == 4
+    card = ModelCard.load(trained_repo)
+    assert {"hf-regtools", "stochnorm"} <= set(card.data.tags) and "StochNormCallback" in card.text
+
+
+def test_stochnorm_example_rejects_a_layernorm_model_before_training(tmp_path, monkeypatch, capsys):
+    save_model(transformers_vit(hidden_size=16, num_hidden_layers=2), tmp_path / "vit")
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", ["stochnorm.py", "--model", str(tmp_path / "vit"), "--output_dir",
+                                      str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXAMPLES / "stochnorm.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert "ViTForImageClassification has no BatchNorm layer" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("*.safetensors"))
