@@ -26,6 +26,25 @@ WEIGHT_DECAY_WARNING = (
 )
 
 
+def _loss_scale(optimizer) -> float | None:
+    scaler = getattr(optimizer, "scaler", None)
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+
+def step_was_skipped(optimizer, scale_before: float | None) -> bool:
+    """Whether the fp16 loss scaler skipped the optimizer step that just ran.
+
+    Accelerate's `AcceleratedOptimizer.step_was_skipped` says so for optimizers the scaler skips, but an optimizer that
+    skips inside its own step (`_step_supports_amp_scaling`: fused AdamW, transformers 5's default `optim`) reports
+    `False` (accelerate 1.15). A skipped step always lowers the scale (`GradScaler.update` backs off on inf/nan), so a
+    scale below the one before the step (`scale_before`, from `on_pre_optimizer_step`) counts as skipped too.
+    """
+    if getattr(optimizer, "step_was_skipped", False):
+        return True
+    scale_after = _loss_scale(optimizer)
+    return scale_before is not None and scale_after is not None and scale_after < scale_before
+
+
 class WeightRescalingCallback(TechniqueMetricsCallback, ExportableState):
     """Weight rescaling (Liu et al., arXiv:2102.03497) during `Trainer.train()`: after every `every`-th optimizer
     step, each weight followed by a BatchNorm is rescaled to norm `r` per output channel.
@@ -43,7 +62,8 @@ class WeightRescalingCallback(TechniqueMetricsCallback, ExportableState):
         method (`str`, *optional*, defaults to `"auto"`): discovery method (`find_scale_invariant_pairs`).
         eps (`float`, *optional*, defaults to 1e-12): norms at or below it are not rescaled.
 
-    A step the fp16 loss scaler skipped (`optimizer.step_was_skipped`) changed nothing and is not rescaled. The norms
+    A step the fp16 loss scaler skipped (`optimizer.step_was_skipped`, or a loss scale lowered by the step, see
+    `step_was_skipped`) changed nothing and is not rescaled. The norms
     before the last rescale are logged as `hf_regtools/weight_rescaling/{mean_norm_before,max_norm_before}` (over all
     managed filters). Training warns once when the optimizer still decays managed weights, and raises for sharded
     parameters (FSDP, DeepSpeed ZeRO-3). In a custom loop, call `rescale_weights_(pairs)` after `optimizer.step()`
@@ -72,7 +92,7 @@ class WeightRescalingCallback(TechniqueMetricsCallback, ExportableState):
         self.rescale_running_stats, self.rescale_optimizer_state = rescale_running_stats, rescale_optimizer_state
         self.pair_names = None if pairs is None else [tuple(pair) for pair in pairs]
         self.pairs = None
-        self.norms_before = None
+        self.norms_before = self._scale_before = None
         self._warned_weight_decay = False
 
     def find_pairs(self, model):
@@ -91,10 +111,12 @@ class WeightRescalingCallback(TechniqueMetricsCallback, ExportableState):
         check_not_sharded(managed_parameters(self.pairs))
         self._warn_if_decayed(model, optimizer)
 
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self._scale_before = _loss_scale(optimizer)
+
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.pairs is None or getattr(optimizer, "step_was_skipped", False):
-            return
-        if (state.global_step + 1) % self.every:
+        scale_before, self._scale_before = self._scale_before, None
+        if self.pairs is None or (state.global_step + 1) % self.every or step_was_skipped(optimizer, scale_before):
             return
         self.norms_before = rescale_weights_(self.pairs, r=self.r, granularity=self.granularity,
                                              rescale_running_stats=self.rescale_running_stats, eps=self.eps,
