@@ -276,35 +276,56 @@ def rescale_weights_(model_or_pairs: torch.nn.Module | Sequence[ScaleInvariantPa
     """
     _validate(r, granularity, eps)
     resolved = _resolve(model_or_pairs, pairs)
+    if not resolved:
+        return {}
     check_not_sharded(managed_parameters(resolved))
-    state = _unwrapped_optimizer(optimizer).state if optimizer is not None else None
-    norms = {}
-    for pair in resolved:
-        weight, bias = pair.module.weight, getattr(pair.module, "bias", None)
-        flat = weight.reshape(weight.shape[0], -1)
-        if granularity == "channel":
-            norm = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
-        else:
-            norm = torch.linalg.vector_norm(flat, dtype=torch.float32).reshape(1)
-        factor = torch.where(norm > eps, norm / r, torch.ones_like(norm))
-        shape = (-1, *[1] * (weight.dim() - 1))
-        if weight.dtype in (torch.float16, torch.bfloat16):
-            weight.copy_(weight.float().div_(factor.view(shape)))
-        else:
-            weight.div_(factor.view(shape).to(weight.dtype))
-        channel_factor = factor.expand(weight.shape[0])
-        if bias is not None:
-            bias.div_(channel_factor.to(bias.dtype))
-        norm_module = pair.norm
-        if rescale_running_stats and getattr(norm_module, "running_mean", None) is not None:
-            norm_module.running_mean.div_(channel_factor.to(norm_module.running_mean.dtype))
-            norm_module.running_var.div_(channel_factor.square().to(norm_module.running_var.dtype))
-        if state is not None:
-            for parameter, name in ((weight, f"{pair.name}.weight"), (bias, f"{pair.name}.bias")):
+    weights = [pair.module.weight for pair in resolved]
+    flats = [weight.reshape(weight.shape[0], -1) for weight in weights]
+    if granularity == "channel":
+        norms = [torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32) for flat in flats]
+    else:
+        norms = [norm.reshape(1) for norm in torch._foreach_norm(flats, dtype=torch.float32)]
+    every_norm = torch.cat(norms)
+    factors = torch.where(every_norm > eps, every_norm / r, torch.ones_like(every_norm)).split(
+        [len(norm) for norm in norms])
+    channel_factors = [factor.expand(weight.shape[0]) for factor, weight in zip(factors, weights)]
+    shaped = [factor.view(-1, *[1] * (weight.dim() - 1)) for factor, weight in zip(factors, weights)]
+    _divide_(weights, shaped)
+    biased = [(pair.module.bias, factor) for pair, factor in zip(resolved, channel_factors)
+              if getattr(pair.module, "bias", None) is not None]
+    if biased:
+        _divide_(*map(list, zip(*biased)))
+    if rescale_running_stats:
+        tracked = [(pair.norm, factor) for pair, factor in zip(resolved, channel_factors)
+                   if getattr(pair.norm, "running_mean", None) is not None]
+        if tracked:
+            modules, tracked_factors = map(list, zip(*tracked))
+            _divide_([module.running_mean for module in modules], tracked_factors)
+            _divide_([module.running_var for module in modules], torch._foreach_mul(tracked_factors, tracked_factors))
+    if optimizer is not None:
+        state = _unwrapped_optimizer(optimizer).state
+        for pair, factor in zip(resolved, channel_factors):
+            for parameter, name in ((pair.module.weight, f"{pair.name}.weight"),
+                                    (getattr(pair.module, "bias", None), f"{pair.name}.bias")):
                 if parameter is not None and parameter in state:
-                    _rescale_state_(state[parameter], channel_factor, name)
-        norms[pair.name] = norm
-    return norms
+                    _rescale_state_(state[parameter], factor, name)
+    return {pair.name: norm for pair, norm in zip(resolved, norms)}
+
+
+def _divide_(tensors: list[torch.Tensor], divisors: list[torch.Tensor]) -> None:
+    """`tensors[i] /= divisors[i]` (fp32 divisors, broadcast), in one `torch._foreach_div_` per dtype; half-precision
+    tensors are divided in fp32 and cast back."""
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    for tensor, divisor in zip(tensors, divisors):
+        group = by_dtype.setdefault(tensor.dtype, ([], []))
+        group[0].append(tensor)
+        group[1].append(divisor)
+    for dtype, (group, group_divisors) in by_dtype.items():
+        if dtype in (torch.float16, torch.bfloat16):
+            for tensor, divisor in zip(group, group_divisors):
+                tensor.copy_(tensor.float().div_(divisor))
+        else:
+            torch._foreach_div_(group, [divisor.to(dtype) for divisor in group_divisors])
 
 
 def managed_parameter_names(model: torch.nn.Module, pairs: Sequence[ScaleInvariantPair]) -> set[str]:
