@@ -6,13 +6,13 @@ models check their inputs with Python control flow). A `NormPairRule` applies to
 as it says (a user's copy of torchvision's ResNet counts, whatever package it lives in) and names the child pairs
 whose forward is `norm(conv(x))` in that class:
 
-| family | classes | pairs |
-|---|---|---|
-| timm / torchvision(-style) ResNet | `ResNet` | `conv1` (its last layer for timm's deep stems) -> `bn1` |
-| timm / torchvision(-style) ResNet blocks | `BasicBlock`, `Bottleneck` | `conv1` -> `bn1`, `conv2` -> `bn2`, `conv3` -> `bn3` |
-| timm conv-norm-act layers | `ConvNormAct` (`ConvBnAct`) | `conv` -> `bn` |
-| transformers ResNet | `ResNetConvLayer`, `ResNetShortCut` | `convolution` -> `normalization` |
-| any library | `nn.Sequential` (its own forward) | a conv or linear child followed directly by a BatchNorm child (timm and torchvision `downsample.0` -> `downsample.1`, `downsample.1` -> `downsample.2` after an average pool) |
+- timm / torchvision(-style) ResNet, `ResNet`: `conv1` (its last layer for timm's deep stems) -> `bn1`;
+- timm / torchvision(-style) ResNet blocks, `BasicBlock` and `Bottleneck`: `conv1` -> `bn1`, `conv2` -> `bn2`,
+  `conv3` -> `bn3`;
+- timm conv-norm-act layers, `ConvNormAct` (`ConvBnAct`): `conv` -> `bn`;
+- transformers ResNet, `ResNetConvLayer` and `ResNetShortCut`: `convolution` -> `normalization`;
+- any library, `nn.Sequential` (with its own forward): a conv or linear child followed directly by a BatchNorm child
+  (timm and torchvision `downsample.0` -> `downsample.1`, or `downsample.1` -> `downsample.2` after an average pool).
 
 A pair is kept only if its two modules have the expected types (a convolution or `nn.Linear`, a BatchNorm) and the
 BatchNorm has one feature per output channel; absent children (`conv3` of a `BasicBlock`) are skipped. Pre-activation

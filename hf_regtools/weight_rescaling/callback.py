@@ -85,7 +85,8 @@ class WeightRescalingCallback(TechniqueMetricsCallback, ExportableState):
                  pairs: list[tuple[str, str]] | None = None, method: str = "auto", eps: float = DEFAULT_EPS):
         _validate(r, granularity, eps)
         if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive integer (rescale after every k-th optimizer step), got {every!r}")
+            raise ValueError(f"every must be a positive integer (rescale after every k-th optimizer step), "
+                             f"got {every!r}")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
         self.r, self.every, self.granularity, self.method, self.eps = float(r), every, granularity, method, eps

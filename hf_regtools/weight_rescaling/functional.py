@@ -228,7 +228,8 @@ def _rescale_state_(state: dict, factor: torch.Tensor, name: str) -> None:
             continue
         if key not in MOMENTS:
             raise ValueError(f"rescale_optimizer_state: unknown optimizer state {key!r} for {name}; supported: "
-                             f"{sorted(MOMENTS)} (SGD momentum, Adam/AdamW moments). Use rescale_optimizer_state=False.")
+                             f"{sorted(MOMENTS)} (SGD momentum, Adam/AdamW moments). Use "
+                             "rescale_optimizer_state=False.")
         value.mul_(factor.view(-1, *[1] * (value.dim() - 1)).to(value.dtype) ** MOMENTS[key])
 
 

@@ -26,7 +26,8 @@ class Snapshots(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         scaler = getattr(optimizer, "scaler", None)
-        self.steps.append({"step": state.global_step + 1, "skipped": bool(getattr(optimizer, "step_was_skipped", False)),
+        self.steps.append({"step": state.global_step + 1,
+                           "skipped": bool(getattr(optimizer, "step_was_skipped", False)),
                            "scale": scaler.get_scale() if scaler is not None else None,
                            "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}})
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from timm.layers import ConvNormAct
 from torch import nn
 
 from hf_regtools.adapters.norm_pairs import name_map_pairs
@@ -106,6 +107,8 @@ MODELS = {
                                                               zero_init_last=False),
     "torchvision_style": TorchvisionResNet,
     "transformers_resnet": transformers_resnet,
+    "timm_conv_norm_act": lambda: nn.Sequential(ConvNormAct(3, 8, 3, stride=2), ConvNormAct(8, 8, 3),
+                                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)),
 }
 
 
@@ -116,7 +119,7 @@ def test_fx_and_name_maps_find_exactly_the_batchnorm_preceded_weights(name):
     assert sorted(by_fx) == sorted(name_map_pairs(model))
     managed = {pair.name for pair in find_scale_invariant_pairs(model, method="auto")}
     assert managed == {layer for layer, _ in by_fx} == bn_preceded_weights(model)
-    classifier = {"torchvision_style": "fc", "transformers_resnet": "classifier.1"}.get(name, "fc")
+    classifier = {"transformers_resnet": "classifier.1", "timm_conv_norm_act": "4"}.get(name, "fc")
     assert not any(n.endswith(classifier) for n in managed)
 
 
@@ -286,7 +289,8 @@ def test_optimizer_state_is_rescaled_with_the_weights():
         for key, power in keys.items():
             expected = state[model.conv.weight][key] * factor.view(-1, 1, 1, 1) ** power
             torch.testing.assert_close(optimizer.state[model.conv.weight][key], expected)
-            torch.testing.assert_close(optimizer.state[model.conv.bias][key], state[model.conv.bias][key] * factor**power)
+            torch.testing.assert_close(optimizer.state[model.conv.bias][key],
+                                       state[model.conv.bias][key] * factor**power)
             assert torch.equal(optimizer.state[model.head.weight][key], state[model.head.weight][key])
 
 
