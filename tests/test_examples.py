@@ -63,7 +63,8 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "stochnorm.py", "weight_selection.py"]
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "stochnorm.py", "weight_rescaling.py",
+                       "weight_selection.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -214,3 +215,21 @@ def test_stochnorm_example_rejects_a_layernorm_model_before_training(tmp_path, m
     assert exit_info.value.code == 2
     assert "ViTForImageClassification has no BatchNorm layer" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("*.safetensors"))
+
+
+def test_weight_rescaling_example_keeps_every_bn_preceded_filter_at_norm_r(tmp_path, hub_env):
+    """6 steps of a transformers ResNet: the norms before each rescale are logged, the saved filters have norm 0.5."""
+    out = tmp_path / "run"
+    run_example("weight_rescaling.py", ["--max_steps", "6", "--r", "0.5", *SMOKE, "--output_dir", out], hub_env,
+                tmp_path)
+    means = step_logs(out, "hf_regtools/weight_rescaling/mean_norm_before")
+    assert sorted(means) == list(range(1, 7)) and all(value > 0.5 for value in means.values())
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "model.safetensors")
+    filters = [key for key in weights if key.endswith("convolution.weight")]
+    assert len(filters) == 9  # stem, 2 per stage, 2 shortcuts
+    for key in filters:
+        torch.testing.assert_close(weights[key].flatten(1).norm(dim=1), torch.full((weights[key].shape[0],), 0.5),
+                                   atol=1e-5, rtol=0)
+    assert weights["classifier.1.weight"].flatten(1).norm(dim=1).std() > 0
