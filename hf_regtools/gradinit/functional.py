@@ -275,7 +275,10 @@ def _concat_values(first, second, key):
 
 
 def _selected(model: nn.Module, config: GradInitConfig):
-    """`(stepped, scaled)`: named tensors of the simulated step / gradient norm, and named tensors given a scale."""
+    """`(stepped, scaled)`: named tensors of the simulated step / gradient norm, and named tensors given a scale.
+
+    With `module_types`, a module matches when its class or a base class has one of the names (the official code's
+    `isinstance` checks: timm's `BatchNormAct2d` is a `BatchNorm2d`)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{type(model).__name__} has no trainable parameters (requires_grad=True): nothing to "
@@ -285,7 +288,7 @@ def _selected(model: nn.Module, config: GradInitConfig):
     wanted, names = set(config.module_types), {id(p): name for name, p in trainable}
     stepped, seen = [], set()
     for module in model.modules():
-        if type(module).__name__ in wanted:
+        if any(cls.__name__ in wanted for cls in type(module).__mro__):
             for p in module.parameters(recurse=False):
                 if id(p) in names and id(p) not in seen:
                     seen.add(id(p))
