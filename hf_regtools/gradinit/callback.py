@@ -62,6 +62,9 @@ class GradInitCallback(TechniqueMetricsCallback, ExportableState):
             return
         if model is None:
             raise ValueError("GradInitCallback needs the model at on_train_begin")
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            raise ValueError("GradInitCallback does not support FSDP or DeepSpeed (sharded parameters): call "
+                             "hf_regtools.gradinit.gradinit_(model, batches) before building the Trainer")
         from .._trainer_utils import rng_state, set_rng_state
         from .functional import gradinit_, nio_
 

@@ -140,3 +140,10 @@ def test_callback_config_round_trips_through_its_state():
     assert callback.config.module_types == ("Conv2d", "Linear", "BatchNorm2d")
     with pytest.raises(TypeError, match="unknown GradInit settings"):
         GradInitCallback(step=3)
+
+
+def test_callback_refuses_sharded_training():
+    args = types.SimpleNamespace(fsdp=["full_shard"], deepspeed=None)
+    state = types.SimpleNamespace(global_step=0)
+    with pytest.raises(ValueError, match="FSDP or DeepSpeed"):
+        GradInitCallback(iterations=1).on_train_begin(args, state, None, model=torch.nn.Linear(2, 2))
