@@ -180,9 +180,9 @@ def main() -> None:
                              ("objective (gamma inf)", math.inf)):
             rows.append(("official", label, official_seconds(args.official, halves, args.iterations, args.repeats,
                                                              gamma), None))
-    print(f"{'implementation':<14}{'iterations':<26}{'s/iter':>10}{'x SGD step':>12}{'target':>9}")
+    print(f"{'implementation':<16}{'iterations':<26}{'s/iter':>10}{'x SGD step':>12}{'target':>9}")
     for implementation, label, seconds, target in rows:
-        print(f"{implementation:<14}{label:<26}{seconds:>10.4f}{seconds / baseline:>12.2f}"
+        print(f"{implementation:<16}{label:<26}{seconds:>10.4f}{seconds / baseline:>12.2f}"
               f"{'' if target is None else f'<= {target:.1f}':>9}")
 
 

@@ -420,16 +420,16 @@ def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, confi
     loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
     keep_graph = config.second_order or math.isfinite(config.gamma)
     grads = _grads(loss, stepped_params, create_graph=keep_graph)
-    if config.algorithm == "adam":
-        gnorm = sum(g.abs().sum() for g in grads)
-        directions = [g.sign() for g in grads]
-    else:
-        gnorm = sum(g.square().sum() for g in grads).sqrt()
-        directions = [g / gnorm for g in grads] if config.normalize_grad else grads
+    adam = config.algorithm == "adam"
+    gnorm = sum(g.abs().sum() for g in grads) if adam else sum(g.square().sum() for g in grads).sqrt()
     entry = {"gnorm": gnorm.item(), "loss": loss.item()}
     if entry["gnorm"] > config.gamma:
         _step(optimizer, scaled_params, _scale_grads(gnorm, scaled_params), is_constraint=True)
         return {"branch": "constraint", **entry, "obj": None}
+    if adam:
+        directions = [g.sign() for g in grads]
+    else:
+        directions = [g / gnorm for g in grads] if config.normalize_grad else grads
     simulated = {}
     for (name, p), direction in zip(stepped, directions):
         update = config.inner_lr * direction
