@@ -209,9 +209,9 @@ class _Cycle:
             raise TypeError(f"batches must be an iterable of batches (a DataLoader, a list of dicts or of (inputs, "
                             f"labels) pairs), got {type(batches).__name__}")
         self.source, self.device = batches, device
-        self.one_shot = iter(batches) is batches
-        self.cache: list = []
         self.iterator = iter(batches)
+        self.one_shot = self.iterator is batches
+        self.cache: list = []
 
     def __next__(self):
         for _ in range(2):
@@ -311,24 +311,28 @@ def _optimizer(scaled, config: GradInitConfig) -> RescaleAdam:
 
 
 def _step(optimizer: RescaleAdam, params, grads, *, is_constraint: bool) -> None:
-    previous = [p.grad for p in params]
     for p, grad in zip(params, grads):
         p.grad = None if grad is None else grad.detach()
     optimizer.step(is_constraint=is_constraint)
-    for p, grad in zip(params, previous):
-        p.grad = grad
+    for p in params:
+        p.grad = None
 
 
 @contextmanager
 def _gradinit_mode(model: nn.Module):
     """eval() (dropout off), then BatchNorm in batch-statistics mode without running-stat updates (the official order);
-    fp32 parameters and buffers; no Accelerate autocast patch on `forward`; everything restored on exit."""
+    fp32 parameters and buffers; no Accelerate autocast patch on `forward`; no gradients; everything restored on
+    exit."""
     modes = [(module, module.training, getattr(module, "track_running_stats", None)) for module in model.modules()]
+    parameters = list(model.parameters())
+    grads = [p.grad for p in parameters]
     cast = [t for t in (*model.parameters(), *model.buffers()) if t.dtype in (torch.float16, torch.bfloat16)]
     dtypes = [t.dtype for t in cast]
     patched = "forward" in vars(model) and "_original_forward" in vars(model)
     forward = vars(model).get("forward")
     try:
+        for p in parameters:
+            p.grad = None
         for tensor in cast:
             tensor.data = tensor.data.float()
         if patched:
@@ -344,6 +348,8 @@ def _gradinit_mode(model: nn.Module):
             model.forward = forward
         for tensor, dtype in zip(cast, dtypes):
             tensor.data = tensor.data.to(dtype)
+        for p, grad in zip(parameters, grads):
+            p.grad = grad
         for module, training, track in modes:
             module.training = training
             if isinstance(module, _BatchNorm):

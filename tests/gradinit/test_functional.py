@@ -328,3 +328,13 @@ def test_bad_inputs_raise_clear_errors():
         gradinit_(torch.nn.DataParallel(mlp()), pairs(2), iterations=1)
     with pytest.raises(ValueError, match="GradInitConfig.gamma"):
         gradinit_(mlp(), pairs(2), iterations=1, gamma=-1.0)
+
+
+def test_existing_gradients_are_left_as_they_were():
+    model = mlp().half()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    model[2].bias.grad = None
+    gradinit_(model, [(x.float(), y) for x, y in pairs(3)], iterations=2)
+    assert model[2].bias.grad is None
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in [*model.parameters()][:3])
