@@ -27,8 +27,8 @@ class GradInitCallback(TechniqueMetricsCallback, ExportableState):
         loss_fn (`Callable`, *optional*): `loss_fn(model, batch)`, as for `gradinit_`.
         batches (`Iterable`, *optional*): the GradInit batches. By default they come from the Trainer's training
             set and collator: shuffled with a generator seeded by `args.seed`, in batches of half the global training
-            batch for GradInit (two of them form S, as in the official code) and of the global batch for NIO. Every
-            process draws the same batches.
+            batch (`per_device_train_batch_size` x processes) for GradInit (two of them form S, as in the official
+            code) and of the global batch for NIO. Every process draws the same batches.
         **overrides: `GradInitConfig` fields replacing those of `config`.
 
     GradInit runs in fp32 with dropout off, BatchNorm on batch statistics and without the Accelerate autocast patch

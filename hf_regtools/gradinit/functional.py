@@ -453,7 +453,8 @@ def _nio_iteration(model, batch, stepped, scaled, optimizer, config: GradInitCon
     losses = loss_fn(model, batch)
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
         raise ValueError("NIO needs per-example losses: loss_fn must return a 1-D tensor with one loss per example, "
-                         f"got {type(losses).__name__}{tuple(losses.shape) if isinstance(losses, torch.Tensor) else ''}")
+                         f"got {type(losses).__name__}"
+                         f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else ''}")
     flat = torch.stack([
         torch.cat([g.flatten() for g in _grads(losses[start:end].mean(), stepped_params, retain_graph=True,
                                                create_graph=True)])
@@ -471,7 +472,8 @@ def _nio_iteration(model, batch, stepped, scaled, optimizer, config: GradInitCon
     return {"branch": "objective", **entry, "obj": obj.item()}
 
 
-def nio_objective(objective: str, *, gc: torch.Tensor, gv: torch.Tensor, norms: torch.Tensor, mu: float) -> torch.Tensor:
+def nio_objective(objective: str, *, gc: torch.Tensor, gv: torch.Tensor, norms: torch.Tensor,
+                  mu: float) -> torch.Tensor:
     """The NIO target to minimise (`gradcos_initializer.GradCosInitializer.train`): `gc` -GC, `gc_gn` -GC - mu *
     sum ||g_k||^2, `gc_gn_sqrt` -GC - mu * sum ||g_k||, and the same with the total gradient variance `gv` for -GC."""
     first = {"gc": -gc, "gv": gv}[objective.split("_")[0]]
