@@ -23,7 +23,6 @@ Every `TrainingArguments` option works (`--num_train_epochs`, `--learning_rate`,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from _digits import MODEL_HELP, MODELS, accuracy, build_model, digits, train_and_evaluate, trainer_defaults
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = GradInitConfig(iterations=example.gradinit_iterations, lr=example.gradinit_lr,
                                 algorithm=example.gradinit_algorithm, inner_lr=example.gradinit_inner_lr,
-                                gamma=math.inf if math.isinf(example.gradinit_gamma) else example.gradinit_gamma,
+                                gamma=example.gradinit_gamma,
                                 objective=example.gradinit_objective)
     except ValueError as error:
         parser.error(str(error))
