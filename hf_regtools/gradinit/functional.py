@@ -358,8 +358,8 @@ def _gradinit_mode(model: nn.Module):
 
 @contextmanager
 def _attention_with_double_backward(needed: bool):
-    """Restrict `scaled_dot_product_attention` to its math kernel, the one with a double backward (the flash and
-    memory-efficient kernels have none), when the constraint step or NIO differentiates through gradients."""
+    """Restrict `scaled_dot_product_attention` to its math kernel, which has a double backward (the CPU flash kernel
+    has none), when the constraint step or NIO differentiates through gradients."""
     if not needed:
         yield
         return
