@@ -63,7 +63,7 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "stochnorm.py", "weight_rescaling.py",
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "stochnorm.py", "weight_rescaling.py",
                        "weight_selection.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
@@ -233,3 +233,13 @@ def test_weight_rescaling_example_keeps_every_bn_preceded_filter_at_norm_r(tmp_p
         torch.testing.assert_close(weights[key].flatten(1).norm(dim=1), torch.full((weights[key].shape[0],), 0.5),
                                    atol=1e-5, rtol=0)
     assert weights["classifier.1.weight"].flatten(1).norm(dim=1).std() > 0
+
+
+def test_gradinit_example(tmp_path, hub_env):
+    out = tmp_path / "run"
+    run_example("gradinit.py", ["--max_steps", "3", "--gradinit_iterations", "4", *SMOKE, "--output_dir", out], hub_env,
+                tmp_path)
+    report = json.loads((out / "gradinit_scales.json").read_text())
+    assert report["constraint_steps"] + report["objective_steps"] == 4 and report["scales"]
+    logs = step_logs(out, "hf_regtools/gradinit/constraint_steps")
+    assert logs == {s: report["constraint_steps"] for s in range(1, 4)}
