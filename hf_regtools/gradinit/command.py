@@ -86,11 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "model_max_length and the model's max_position_embeddings); batches are padded to "
                            "their longest text")
     data.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
-                      help=f"examples per batch handed to gradinit_ (default: {DEFAULT_BATCH_SIZE}, the NIO config "
-                           "and the official DenseNet/WRN runs; the CIFAR ResNet/VGG runs use 128)")
+                      help=f"examples per batch drawn by gradinit_ (default: {DEFAULT_BATCH_SIZE}): GradInit takes "
+                           "two for S and one more for the objective batch each iteration, as the official code "
+                           "takes halves of its training batch of 128; NIO takes one (64 in the released config)")
     data.add_argument("--seed", type=int, default=0, help="seed of the batch order and of any random weights "
                                                           "(default: 0)")
-    settings = parser.add_argument_group("GradInit settings", "fields of GradInitConfig; see the method card")
+    settings = parser.add_argument_group(
+        "GradInit settings", "fields of GradInitConfig (see the method card); --gamma inf disables the constraint, "
+                             "--max-scale none leaves the scales unbounded; with an NIO --objective, --gamma and --lr "
+                             "default to those of nio_ (the released NIO config)")
     for config_field in dataclasses.fields(GradInitConfig):
         _add_config_option(settings, config_field)
     hub = parser.add_argument_group("output")
@@ -187,12 +191,22 @@ def _flag(name: str) -> str:
 def config_from_args(args: argparse.Namespace) -> GradInitConfig:
     """The `GradInitConfig` of the parsed options; a value `GradInitConfig` refuses is reported with its option.
 
+    With an NIO objective (`--objective gc_gn_sqrt`, ...), `--gamma` and `--lr` default to the released NIO
+    configuration (`NIO_DEFAULTS`, as `nio_` does). `--module-types reference` selects the official CIFAR module set.
+
     Raises:
         `GradInitCommandError`: an option's value (or a combination) is invalid; the message names the option(s).
     """
     given = {name[len(_CONFIG_DEST):]: value for name, value in vars(args).items() if name.startswith(_CONFIG_DEST)}
+    if given.get("module_types") == ("reference",):
+        given["module_types"] = "reference"
+    defaults = {}
+    if given.get("objective", "gradinit") != "gradinit":
+        from .functional import NIO_DEFAULTS
+
+        defaults = {key: value for key, value in NIO_DEFAULTS.items() if key not in given}
     try:
-        return GradInitConfig(**given)
+        return GradInitConfig(**defaults, **given)
     except (ValueError, TypeError) as error:
         culprits = []
         for name, value in given.items():
@@ -456,6 +470,7 @@ class GradInitRun:
         random_init (`bool`): the weights were drawn from the config's initialization, not loaded.
         head (`str`): what happened to the classification head.
         num_labels (`int`): classes of the head.
+        config (`GradInitConfig`): the GradInit settings.
         data (`DataSpec`): the data.
         preprocessing (`dict[str, str]`): by kind, how inputs were prepared.
         preprocessing_files (`tuple[Path, ...]`): the model's preprocessing files, copied by `save`.
@@ -473,6 +488,7 @@ class GradInitRun:
     random_init: bool
     head: str
     num_labels: int
+    config: GradInitConfig
     data: DataSpec
     preprocessing: dict[str, str]
     preprocessing_files: tuple[Path, ...]
@@ -600,7 +616,7 @@ def run_gradinit(
     return GradInitRun(model=built, report=report, library=resolved.library, task=task,
                        model_reference=resolved.hub_reference, model_revision=resolved.revision,
                        model_on_hub=resolved.repo_id is not None, random_init=random_init, head=head,
-                       num_labels=len(label_names), data=spec,
+                       num_labels=len(label_names), config=config, data=spec,
                        preprocessing=preprocessing, preprocessing_files=files, batch_size=batch_size, seed=seed,
                        device=device, license=_license(resolved.folder))
 
@@ -859,7 +875,7 @@ def model_card(run: GradInitRun, *, repo_id: str | None = None):
         architecture=type(run.model).__name__, parameters=f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M",
         head=run.head, data=run.data.description, inputs=", ".join(f"`{name}`" for name in run.data.inputs),
         label_column=run.data.label_column, num_labels=run.num_labels, batch_size=run.batch_size, seed=run.seed, device=run.device,
-        iterations=run.report.config.iterations if run.report.config is not None else None,
+        iterations=run.config.iterations,
         constraint_steps=run.report.constraint_steps, objective_steps=run.report.objective_steps,
         tensors=len(values), scale_min=_number(values[0]) if values else None,
         scale_median=_number(values[len(values) // 2]) if values else None,
@@ -868,7 +884,7 @@ def model_card(run: GradInitRun, *, repo_id: str | None = None):
         image_processor=any(path.name == IMAGE_PROCESSOR_FILE for path in run.preprocessing_files),
         repo_id=repo_id, paper=info.paper, arxiv=info.arxiv, code_repo=info.code_repo,
     )
-    return hub.add_techniques_to_card(card, [hub.TechniqueUse("gradinit", run.report.config.to_dict())])
+    return hub.add_techniques_to_card(card, [hub.TechniqueUse("gradinit", run.config.to_dict())])
 
 
 def _number(value: float) -> str:
