@@ -350,6 +350,19 @@ def _gradinit_mode(model: nn.Module):
                 module.track_running_stats = track
 
 
+@contextmanager
+def _attention_with_double_backward(needed: bool):
+    """Restrict `scaled_dot_product_attention` to its math kernel, the one with a double backward (the flash and
+    memory-efficient kernels have none), when the constraint step or NIO differentiates through gradients."""
+    if not needed:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
 def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> GradInitReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -364,7 +377,9 @@ def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> Gra
     from tqdm.auto import tqdm
 
     history, counts = [], {"constraint": 0, "objective": 0}
-    with _gradinit_mode(model), torch.autocast(device.type, enabled=False), torch.enable_grad():
+    needs_double_backward = config.is_nio or config.second_order or math.isfinite(config.gamma)
+    with _gradinit_mode(model), torch.autocast(device.type, enabled=False), torch.enable_grad(), \
+            _attention_with_double_backward(needs_double_backward):
         bar = tqdm(range(config.iterations), desc="NIO" if config.is_nio else "GradInit", disable=not progress)
         for iteration in bar:
             batch, first = (first, None) if first is not None else (next(source), None)
