@@ -27,6 +27,7 @@ BATCH = 8
 CLASSES = ("zero", "one", "two")
 SENTENCES = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "the sun is warm today",
              "rain falls on the roof", "a fish swims in the lake", "the moon is bright tonight"]
+TEXT_DATASET = f"org/sentences{uuid.uuid4().hex[:8]}"
 FAST = ["--iterations", "3", "--batch-size", str(BATCH), "--no-progress"]
 
 
@@ -62,9 +63,25 @@ def data(tmp_path_factory):
     datasets.DatasetDict(train=split, test=split.select(range(5))).save_to_disk(str(root / "saved_images"))
     texts = [SENTENCES[i % len(SENTENCES)] + " " + SENTENCES[(3 * i) % len(SENTENCES)] for i in range(EXAMPLES)]
     text_features = datasets.Features(sentence=datasets.Value("string"), label=datasets.ClassLabel(names=list(CLASSES)))
-    datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=text_features).save_to_disk(
-        str(root / "saved_text"))
+    text = datasets.Dataset.from_dict({"sentence": texts, "label": labels}, features=text_features)
+    text.save_to_disk(str(root / "saved_text"))
+    _cache_as_hub_dataset(text, TEXT_DATASET, root)
     return root
+
+
+def _cache_as_hub_dataset(dataset, repo_id: str, tmp: Path) -> None:
+    """Put `dataset` in the datasets cache as `load_dataset(repo_id)` leaves a Hub dataset there (the layout
+    `datasets` falls back to offline: `<cache>/<org>___<name>/<config>/<version>/<hash>/<name>-<split>.arrow`)."""
+    import datasets
+
+    dataset.to_parquet(str(tmp / "train.parquet"))
+    builder = datasets.load_dataset_builder("parquet", data_files={"train": str(tmp / "train.parquet")})
+    builder.download_and_prepare()
+    org, name = repo_id.split("/")
+    target = Path(datasets.config.HF_DATASETS_CACHE) / f"{org}___{name}" / "default" / "0.0.0" / ("0" * 16)
+    target.mkdir(parents=True)
+    for path in Path(builder.cache_dir).iterdir():
+        (target / path.name.replace("parquet-", f"{name}-")).write_bytes(path.read_bytes())
 
 
 def _tokenizer():
@@ -197,13 +214,18 @@ def test_timm_model_new_head_from_a_saved_dataset_dict(tmp_path, data, models):
     assert all(torch.equal(value, _weights(output)[key]) for key, value in _weights(tmp_path / "cli").items())
 
 
-def test_text_model_with_tokenizer_from_the_cache(tmp_path, data, models):
+def test_text_model_with_tokenizer_from_the_cache(tmp_path, data, models, monkeypatch):
+    import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     repo = models["repos"]["bert"]
+    settings = dict(iterations=3, batch_size=BATCH, max_length=8, lr=1e-2, algorithm="adam")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with hub_offline():
-        run = run_gradinit(repo, data / "saved_text", iterations=3, batch_size=BATCH, max_length=8, lr=1e-2,
-                           algorithm="adam")
+        run = run_gradinit(repo, data / "saved_text", **settings)
+        by_name = run_gradinit(repo, TEXT_DATASET, **settings)
+    assert by_name.data.description.startswith(f"`{TEXT_DATASET}` (dataset), split train")
+    _assert_same(run.model, by_name.model)
     output = run.save(tmp_path / "out")
     names = sorted(p.name for p in output.iterdir())
     assert {"tokenizer.json", "tokenizer_config.json", "gradinit_scales.json", "model.safetensors"} <= set(names)
@@ -262,6 +284,8 @@ def test_errors_before_the_work(tmp_path, data, models, fake_hub, offline_env, c
                                                                                     "holds Value(string), not images"),
         (gradinit(vit, images, "l", "--num-labels", "2"), "--num-labels 2: the data has 3 classes"),
         (gradinit(vit, images, "m", "--batch-size", "64"), "--batch-size 64: the data has only 23 examples"),
+        (gradinit(vit, "org/no-such-data", "n"), "--data org/no-such-data: cannot load it"),
+        (gradinit(str(models["bert"]), TEXT_DATASET, "o", "--split", "test"), "choose another --split"),
     ]
     codes, out, err = cli([argv for argv, _ in runs], offline_env, allow_loopback=False)
     lines = [line for line in err.splitlines() if line.startswith("hf-regtools gradinit: error: ")]
