@@ -271,8 +271,8 @@ def data_kind(reference: str | os.PathLike) -> str:
         raise GradInitCommandError(f"--data {reference}: is a file; pass a folder (save_to_disk output or image "
                                    "folder) or a dataset name")
     text = str(reference)
-    looks_like_path = text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1 or os.sep in text \
-        and os.sep != "/"
+    looks_like_path = (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1
+                       or (os.sep != "/" and os.sep in text))
     if looks_like_path:
         raise GradInitCommandError(f"--data {reference}: no such folder ({path.absolute()})")
     return "name"

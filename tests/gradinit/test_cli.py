@@ -330,3 +330,52 @@ def test_a_failed_save_leaves_nothing_half_written(tmp_path, data, models, monke
     (target / "old.txt").write_text("old")
     assert cli_main([*argv, "--overwrite"]) == 2
     assert [p.name for p in target.iterdir()] == ["old.txt"] and list(tmp_path.iterdir()) == [target]
+
+
+def test_random_init_from_a_config_without_weights(tmp_path, data, models, capsys):
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    shutil.copytree(models["timm"], config_only)
+    (config_only / "model.safetensors").unlink()
+    argv = ["gradinit", str(config_only), "--data", str(data / "imagefolder"), *FAST]
+    assert cli_main([*argv, "--output", str(tmp_path / "refused")]) == 2
+    assert "has no weights (no *.safetensors or pytorch_model.bin); pass --random-init" in capsys.readouterr().err
+    def run(seed):
+        return run_gradinit(config_only, data / "imagefolder", random_init=True, seed=seed, iterations=2,
+                            batch_size=BATCH)
+
+    first, again, other = run(0), run(0), run(1)
+    _assert_same(first.model, again.model)
+    assert not torch.equal(first.model.head.weight, other.model.head.weight)
+    assert first.head == "new 3-class head (random initialization, like the rest of the model)"
+    assert cli_main([*argv, "--random-init", "--output", str(tmp_path / "out")]) == 0
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "random initialization of the config" in card.text and "base_model" not in card.data.to_dict()
+
+
+def test_column_and_label_detection(tmp_path):
+    import datasets
+
+    from hf_regtools.gradinit.command import GradInitCommandError, load_data
+
+    pairs = datasets.Dataset.from_dict({"premise": ["a", "b", "c"], "hypothesis": ["d", "e", "f"],
+                                        "category": ["yes", "no", "yes"], "idx": [0, 1, 2]})
+    pairs.save_to_disk(str(tmp_path / "pairs"))
+    spec = load_data(tmp_path / "pairs", task="text")
+    assert spec.inputs == ("premise", "hypothesis") and spec.label_column == "category"
+    assert spec.label_names == ["no", "yes"] and spec.label_ids == {"no": 0, "yes": 1}
+    assert load_data(tmp_path / "pairs", task="text", text_column="hypothesis", label_column="idx").label_names == [
+        "0", "1", "2"]
+    unlabeled = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [-1, -1]})
+    unlabeled.save_to_disk(str(tmp_path / "unlabeled"))
+    problems = [((tmp_path / "unlabeled",), {}, "negative labels (-1)"),
+                ((tmp_path / "pairs",), {"text_column": "a,b,c"}, "give one column, or two comma-separated"),
+                ((tmp_path / "pairs",), {"text_column": "idx"}, "--text-column idx: the column holds Value(int64)"),
+                ((tmp_path / "pairs",), {"label_column": "premise", "text_column": "hypothesis"}, None)]
+    for args, kwargs, message in problems:
+        if message is None:
+            assert load_data(*args, task="text", **kwargs).label_names == ["a", "b", "c"]
+            continue
+        with pytest.raises(GradInitCommandError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_data(*args, task="text", **kwargs)
