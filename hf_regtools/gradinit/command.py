@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="classes of the classification head (default: the data's label count; a head of another "
                             "size is replaced by a new one)")
     model.add_argument("--random-init", action="store_true",
-                       help="build the architecture from config.json with random weights (seeded by --seed) "
-                            "instead of loading the model's weights; needed when the model has no weights")
+                       help="start from a fresh random initialization of the architecture in config.json (seeded "
+                            "by --seed), as the paper does, instead of the model's weights (the default: e.g. a "
+                            "weight-selected student or a saved initialization); needed when the model has no weights")
     model.add_argument("--device", help="where GradInit runs, e.g. cpu, cuda, cuda:1 (default: cuda when available, "
                                         "else cpu)")
     data = parser.add_argument_group("data")
@@ -300,6 +301,7 @@ def load_data(reference: str | os.PathLike, *, task: str, split: str | None = No
     """
     kind = data_kind(reference)
     dataset, where = _load_split(reference, kind, split)
+    dataset = dataset.with_format(None)
     columns = list(dataset.column_names)
     features = dataset.features
     if task == "image":
@@ -894,6 +896,16 @@ def _number(value: float) -> str:
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 
+def _disable_progress_bars() -> None:
+    import datasets
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(args: argparse.Namespace, *, output_exists) -> int:
     """The body of `hf-regtools gradinit` (called by `hf_regtools.cli`); `output_exists(path)` builds the error for an
     existing output."""
@@ -906,9 +918,7 @@ def main(args: argparse.Namespace, *, output_exists) -> int:
     config = config_from_args(args)
     data_kind(args.data)
     if args.no_progress:
-        import datasets
-
-        datasets.disable_progress_bars()
+        _disable_progress_bars()
     push_id = None
     if args.push_to_hub:
         from ..hub import push_target
