@@ -379,3 +379,26 @@ def test_column_and_label_detection(tmp_path):
             continue
         with pytest.raises(GradInitCommandError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_data(*args, task="text", **kwargs)
+
+
+def test_options_map_onto_the_config():
+    from hf_regtools.cli import _parser
+    from hf_regtools.gradinit.command import config_from_args
+    from hf_regtools.gradinit.config import REFERENCE_MODULE_TYPES, GradInitConfig
+    from hf_regtools.gradinit.functional import NIO_DEFAULTS
+
+    def config(*options):
+        return config_from_args(_parser().parse_args(["gradinit", "m", "--data", "d", "--output", "o", *options]))
+
+    assert config() == GradInitConfig()
+    assert config("--iterations", "7", "--lr", "0.01", "--algorithm", "adam", "--inner-lr", "1e-3", "--gamma", "inf",
+                  "--min-scale", "0.1", "--max-scale", "100", "--grad-clip", "0", "--no-normalize-grad",
+                  "--second-order", "--batch-no-overlap", "--betas", "0.9,0.98", "--module-types", "Linear,Conv2d") \
+        == GradInitConfig(iterations=7, lr=0.01, algorithm="adam", inner_lr=1e-3, gamma=float("inf"), min_scale=0.1,
+                          max_scale=100.0, grad_clip=0.0, normalize_grad=False, second_order=True,
+                          batch_no_overlap=True, betas=(0.9, 0.98), module_types=("Linear", "Conv2d"))
+    assert config("--module-types", "reference").module_types == REFERENCE_MODULE_TYPES
+    assert config("--max-scale", "none").max_scale is None
+    nio = config("--objective", "gc_gn_sqrt", "--nio-chunks", "8")
+    assert (nio.gamma, nio.lr, nio.nio_chunks) == (NIO_DEFAULTS["gamma"], NIO_DEFAULTS["lr"], 8)
+    assert config("--objective", "gc", "--gamma", "2").gamma == 2.0
