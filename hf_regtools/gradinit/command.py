@@ -877,7 +877,7 @@ def model_card(run: GradInitRun, *, repo_id: str | None = None):
         architecture=type(run.model).__name__, parameters=f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M",
         head=run.head, data=run.data.description, inputs=", ".join(f"`{name}`" for name in run.data.inputs),
         label_column=run.data.label_column, num_labels=run.num_labels, batch_size=run.batch_size, seed=run.seed, device=run.device,
-        iterations=run.config.iterations,
+        iterations=run.config.iterations, objective=run.config.objective,
         constraint_steps=run.report.constraint_steps, objective_steps=run.report.objective_steps,
         tensors=len(values), scale_min=_number(values[0]) if values else None,
         scale_median=_number(values[len(values) // 2]) if values else None,
