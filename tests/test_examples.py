@@ -63,7 +63,7 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "weight_selection.py"]
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "weight_selection.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -184,3 +184,13 @@ def test_alpha_svrg_example(mode, tmp_path, hub_env):
     losses = [entry["loss"] for entry in log_history(out) if "loss" in entry]
     assert len(losses) == 15 and all(0.0 < loss < 10.0 for loss in losses)
     assert 0.0 <= json.loads((out / "eval_results.json").read_text())["eval_accuracy"] <= 1.0
+
+
+def test_gradinit_example(tmp_path, hub_env):
+    out = tmp_path / "run"
+    run_example("gradinit.py", ["--max_steps", "3", "--gradinit_iterations", "4", *SMOKE, "--output_dir", out], hub_env,
+                tmp_path)
+    report = json.loads((out / "gradinit_scales.json").read_text())
+    assert report["constraint_steps"] + report["objective_steps"] == 4 and report["scales"]
+    logs = step_logs(out, "hf_regtools/gradinit/constraint_steps")
+    assert logs == {s: report["constraint_steps"] for s in range(1, 4)}
