@@ -3,6 +3,7 @@
 ```
 hf-regtools list                               # registered techniques and their Trainer classes
 hf-regtools select TEACHER --student vit-tiny --output DIR [--push-to-hub ORG/NAME]
+hf-regtools gradinit MODEL --data DATA --output DIR [--iterations 100 ...] [--push-to-hub ORG/NAME]
 hf-regtools demo                               # the offline digits demo
 ```
 
@@ -53,10 +54,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, config_class) -> Non
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     from .adapters import PRESETS
+    from .gradinit.command import add_arguments as add_gradinit_arguments
     from .weight_selection.config import WeightSelectionConfig
 
     parser = argparse.ArgumentParser(prog="hf-regtools", description="hf_regtools on the command line: "
-                                     "weight selection, the technique registry and the digits demo.")
+                                     "weight selection, GradInit, the technique registry and the digits demo.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -85,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--push-to-hub", metavar="REPO_ID", help="also create this Hub repo (org/name, or name for "
                                                                  "your own namespace) and upload the folder")
     select.add_argument("--private", action="store_true", help="create the Hub repo as private")
+
+    gradinit = commands.add_parser(
+        "gradinit", help="rescale a classifier's initialization by GradInit on a dataset",
+        description="GradInit (Zhu et al., NeurIPS 2021): learn one scale per weight and bias tensor so that one step "
+                    "of the intended optimizer (SGD or Adam) lowers the loss most, under a cap on the initial "
+                    "gradient norm, on batches of your data; save the rescaled model with its preprocessing, "
+                    "the scales and a model card. Image models (transformers, timm) and text models (transformers "
+                    "sequence classification) get a head of the data's classes.")
+    add_gradinit_arguments(gradinit)
 
     demo = commands.add_parser(
         "demo", help="weight selection on scikit-learn digits, next to random init",
@@ -128,6 +139,10 @@ def _run(args: argparse.Namespace) -> int:
         return _list()
     if args.command == "select":
         return _select(args)
+    if args.command == "gradinit":
+        from .gradinit.command import main as gradinit_main
+
+        return gradinit_main(args, output_exists=_output_exists)
     from ._demo import run_demo
 
     run_demo(teacher=args.teacher, student=args.student, output_dir=args.output_dir, steps=args.steps, seed=args.seed)
@@ -156,7 +171,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The errors reported in one line: ours, `ValueError` and `OSError` (classes of modules not imported yet cannot
     have been raised, so they are not imported for this)."""
     ours = {"hf_regtools.adapters": "UnsupportedModelError", "hf_regtools.checkpoint": "CheckpointError",
-            "hf_regtools.hub": "HubError", "hf_regtools.weight_selection.functional": "WeightSelectionError"}
+            "hf_regtools.hub": "HubError", "hf_regtools.weight_selection.functional": "WeightSelectionError",
+            "hf_regtools.gradinit.command": "GradInitCommandError"}
     loaded = tuple(getattr(sys.modules[module], name) for module, name in ours.items() if module in sys.modules)
     return (CLIError, ValueError, OSError, *loaded)
 
