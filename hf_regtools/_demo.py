@@ -1,14 +1,15 @@
 """The `hf-regtools demo` job: weight selection next to random init, with `transformers.Trainer`, on digits.
 
 Offline by default: a small ViT teacher is trained on digits 0-4, a narrower and shallower student is initialized
-from it by weight selection, and that student, the same student from random init, and the selected student trained
-with early dropout and alpha-SVRG are fine-tuned on digits 5-9. With a network, `--teacher <hub id>` starts from a pretrained ViT or ConvNeXt instead (images are resized to
+from it by weight selection, and that student, the same student from random init, that random init rescaled by
+GradInit, and the selected student trained with early dropout and alpha-SVRG are fine-tuned on digits 5-9. With a network, `--teacher <hub id>` starts from a pretrained ViT or ConvNeXt instead (images are resized to
 its input size).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ DEFAULT_TEACHER = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=6
 DEFAULT_STUDENT = dict(hidden_size=32, depth=2)
 HUB_STUDENTS = {"isotropic": "vit-tiny", "hierarchical": "convnext-femto"}
 VARIANT = "weight selection + early dropout + alpha-SVRG"
+GRADINIT = "random init + GradInit"
+GRADINIT_SETTINGS = dict(algorithm="adam", inner_lr=1e-3, gamma=math.inf, lr=2.5e-3, iterations=30)
 
 
 @dataclass
@@ -118,11 +121,18 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
     console.rule("3. Fine-tuning on digits 5-9: weight selection vs random init")
     set_seed(seed)
     random_student = type(selected.model)(selected.model.config)
+    gradinit_student = copy.deepcopy(random_student)
     variant_student = copy.deepcopy(selected.model)
     runs["weight selection"] = _fit("weight_selection", selected.model, train, test, output_dir, steps=steps, seed=seed)
     runs["random init"] = _fit("random_init", random_student, train, test, output_dir, steps=steps, seed=seed)
 
-    console.rule("4. Weight selection + early dropout + alpha-SVRG")
+    console.rule("4. Random init rescaled by GradInit (for the Adam step the fine-tuning takes)")
+    from .gradinit import GradInitCallback
+
+    runs[GRADINIT] = _fit("random_init_gradinit", gradinit_student, train, test, output_dir, steps=steps, seed=seed,
+                          callbacks=[GradInitCallback(**GRADINIT_SETTINGS)])
+
+    console.rule("5. Weight selection + early dropout + alpha-SVRG")
     from .alpha_svrg import AlphaSVRGTrainerMixin
     from .dropout_schedules import EarlyDropoutCallback
 
@@ -156,7 +166,7 @@ def _plot(runs: dict[str, Run], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name in ("weight selection", "random init", VARIANT):
+    for name in ("weight selection", "random init", GRADINIT, VARIANT):
         steps, losses = zip(*runs[name].losses)
         axis.plot(steps, losses, label=name)
     axis.set(xlabel="optimizer step", ylabel="training loss", title="Fine-tuning a ViT student on digits 5-9")

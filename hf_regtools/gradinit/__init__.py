@@ -14,12 +14,14 @@ _LAZY = {
     "RescaleAdam": ".optimizer",
     "gradinit_": ".functional",
     "nio_": ".functional",
+    "run_gradinit": ".command",
 }
 
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
     from .callback import GradInitCallback
+    from .command import run_gradinit
     from .config import GradInitConfig
     from .functional import GradInitReport, gradinit_, nio_
     from .optimizer import RescaleAdam

@@ -3,6 +3,7 @@
 from .._registry import TechniqueInfo, register
 
 CALLBACK = "hf_regtools.gradinit:GradInitCallback"
+AGD = "hf_regtools.optim:AGD"
 
 
 def _case(model: str, **settings) -> dict:
@@ -19,12 +20,18 @@ register(
         code_repo="zhuchen03/gradinit",
         functional="hf_regtools.gradinit:gradinit_",
         callback=CALLBACK,
+        callbacks=("hf_regtools.optim:AGDMetricsCallback",),
+        optimizer=AGD,
         cli_command="gradinit",
         domains=("vision", "text"),
         harness={"cases": {
             "transformers_resnet_bn": _case("transformers_resnet"),
             "timm_resnet_reference_modules": _case("timm_resnet_classifier", module_types="reference", gamma=0.5),
             "transformers_bert_adam": _case("transformers_bert", algorithm="adam", inner_lr=1e-3, gamma=1000.0),
+            "agd_bias_free_mlp": {"model": "mlp_classifier", "optimizer": (AGD, {}),
+                                  "callbacks": [("hf_regtools.optim:AGDMetricsCallback", {})],
+                                  "trainer_kwargs": {"max_grad_norm": 0.0, "lr_scheduler_type": "constant"},
+                                  "deterministic": True},
         }},
     )
 )
