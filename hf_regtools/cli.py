@@ -208,23 +208,32 @@ def _select(args: argparse.Namespace) -> int:
 
         push_id = push_target(args.push_to_hub)
 
-    from .hub import HubError, push_folder
     from .weight_selection import WeightSelectionConfig, initialize_student
 
     config = WeightSelectionConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WeightSelectionConfig)})
     result = initialize_student(args.teacher, args.student, revision=args.revision, hidden_size=args.hidden_size,
                                 depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim,
                                 num_labels=args.num_labels, config=config)
+    return save_and_push(result, output, args, push_id=push_id, summary=str(result.report),
+                         commit_message=f"Weight selection from {result.teacher}")
+
+
+def save_and_push(result, output, args: argparse.Namespace, *, push_id: str | None, summary: str,
+                  commit_message: str) -> int:
+    """Save a command's `result` (`result.save(output, overwrite=, repo_id=)`) into the checked `output`, print
+    `summary`, and push the folder to `push_id` (checked beforehand with `hub.push_target`) when given. A failed push
+    says that the local output is complete and how to push it again."""
+    from .hub import HubError, push_folder
+
     try:
         result.save(output, overwrite=args.overwrite, repo_id=push_id)
     except FileExistsError as error:
         raise _output_exists(output) from error
-    print(result.report)
+    print(summary)
     print(f"saved to {output}")
     if push_id:
         try:
-            sha = push_folder(output, push_id, private=args.private or None,
-                              commit_message=f"Weight selection from {result.teacher}")
+            sha = push_folder(output, push_id, private=args.private or None, commit_message=commit_message)
         except HubError as error:
             raise HubError(f"{error}. The local output in {output} is complete and intact; push it again later "
                            f"with `hf upload {push_id} {output}`") from error

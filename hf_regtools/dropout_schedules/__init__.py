@@ -4,8 +4,9 @@ See the method card (`README.md` in this folder). Names resolve lazily, so that 
 entry imports no torch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _LAZY = {
     "TARGETS": ".functional",
@@ -27,11 +28,4 @@ if TYPE_CHECKING:
     from .functional import TARGETS, DropRateController, apply_drop_rate, block_rates
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

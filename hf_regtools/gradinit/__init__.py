@@ -4,8 +4,9 @@ NeurIPS 2021, with the NIO / GradCosine variant (Yang et al., NeurIPS 2022). See
 Names resolve lazily, so that reading the technique's registry entry imports no torch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _LAZY = {
     "GradInitCallback": ".callback",
@@ -27,11 +28,4 @@ if TYPE_CHECKING:
     from .optimizer import RescaleAdam
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -924,28 +924,15 @@ def main(args: argparse.Namespace, *, output_exists) -> int:
         from ..hub import push_target
 
         push_id = push_target(args.push_to_hub)
-    from ..hub import HubError, push_folder
-
     run = run_gradinit(args.model, args.data, config=config, revision=args.revision, library=args.library,
                        num_labels=args.num_labels, random_init=args.random_init, split=args.split,
                        image_column=args.image_column, text_column=args.text_column, label_column=args.label_column,
                        max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
-    try:
-        run.save(output, overwrite=args.overwrite, repo_id=push_id)
-    except FileExistsError as error:
-        raise output_exists(output) from error
-    print(run.summary())
-    print(f"saved to {output}")
-    if push_id:
-        try:
-            sha = push_folder(output, push_id, private=args.private or None,
-                              commit_message=f"GradInit of {run.model_reference}")
-        except HubError as error:
-            raise HubError(f"{error}. The local output in {output} is complete and intact; push it again later "
-                           f"with `hf upload {push_id} {output}`") from error
-        print(f"pushed to {push_id} (commit {sha})")
-    return 0
+    from ..cli import save_and_push
+
+    return save_and_push(run, output, args, push_id=push_id, summary=run.summary(),
+                         commit_message=f"GradInit of {run.model_reference}")
 
 
 __all__ = ["DataSpec", "GradInitCommandError", "GradInitRun", "add_arguments", "config_from_args", "data_kind",

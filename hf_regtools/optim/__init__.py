@@ -12,8 +12,9 @@ only exempts biases and LayerNorm weights, so it decays timm's `cls_token` / `po
 from __future__ import annotations
 
 import re
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 if TYPE_CHECKING:
     import torch
@@ -27,14 +28,7 @@ __all__ = ["AGD", "AGDMetricsCallback", "PaperWeightDecayMixin", "agd_init_", "d
            "no_weight_decay_names", "param_groups_weight_decay"]
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 def no_weight_decay_names(model: torch.nn.Module) -> set[str]:

@@ -3,8 +3,9 @@
 Names resolve lazily, so that reading the technique's registry entry imports no torch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _LAZY = {
     "StochNorm1d": ".modules",
@@ -26,11 +27,4 @@ if TYPE_CHECKING:
     from .modules import StochNorm1d, StochNorm2d, StochNorm3d, StochNormAct2d
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -4,8 +4,9 @@ Xu et al., *Initializing Models with Larger Ones*, ICLR 2024 (arXiv:2311.18823).
 (`README.md` in this folder). Names resolve lazily, so that reading `WeightSelectionConfig` imports no torch.
 """
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
 
 _LAZY = {
     "IndexPlan": ".functional",
@@ -32,11 +33,4 @@ if TYPE_CHECKING:
     from .student import SelectedStudent, initialize_student, model_card, save_student
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
