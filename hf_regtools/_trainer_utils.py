@@ -1,4 +1,5 @@
-"""Helpers shared by Trainer adapters: RNG snapshots (torch CPU and CUDA, numpy, python)."""
+"""Helpers shared by Trainer adapters: RNG snapshots (torch CPU and CUDA, numpy, python), the optimizer inside
+wrappers."""
 
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap_optimizer(optimizer):
+    """The optimizer inside Accelerate's `AcceleratedOptimizer` (and any wrapper keeping it as `.optimizer`)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer

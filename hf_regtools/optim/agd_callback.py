@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from .._trainer_utils import unwrap_optimizer
 from ..trainer import TechniqueMetricsCallback
 from .agd import AGD
 
@@ -11,9 +12,8 @@ __all__ = ["AGDMetricsCallback"]
 
 
 def _find_agd(optimizer) -> AGD | None:
-    while optimizer is not None and not isinstance(optimizer, AGD):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
+    found = unwrap_optimizer(optimizer)
+    return found if isinstance(found, AGD) else None
 
 
 class AGDMetricsCallback(TechniqueMetricsCallback):

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._trainer_utils import unwrap_optimizer
 from ..adapters.norm_pairs import fits, is_norm, is_weight_layer, matching_rules, name_map_pairs
 
 METHODS = ("auto", "fx", "names")
@@ -216,12 +217,6 @@ def _validate(r: float, granularity: str, eps: float) -> None:
         raise ValueError(f"eps must be non-negative, got {eps!r}")
 
 
-def _unwrapped_optimizer(optimizer):
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
-    return optimizer
-
-
 def _rescale_state_(state: dict, factor: torch.Tensor, name: str) -> None:
     for key, value in state.items():
         if key == "step" or not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -304,7 +299,7 @@ def rescale_weights_(model_or_pairs: torch.nn.Module | Sequence[ScaleInvariantPa
             _divide_([module.running_mean for module in modules], tracked_factors)
             _divide_([module.running_var for module in modules], torch._foreach_mul(tracked_factors, tracked_factors))
     if optimizer is not None:
-        state = _unwrapped_optimizer(optimizer).state
+        state = unwrap_optimizer(optimizer).state
         for pair, factor in zip(resolved, channel_factors):
             for parameter, name in ((pair.module.weight, f"{pair.name}.weight"),
                                     (getattr(pair.module, "bias", None), f"{pair.name}.bias")):
