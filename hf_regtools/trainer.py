@@ -15,7 +15,9 @@ hooks:
   without `config` (a user module holding a timm model) can be pushed too: transformers' card summary reads
   `model.config`, which it gets, empty, while the card is written.
 
-Techniques that need the batch, the loss or an extra forward/backward (alpha-SVRG) subclass this mixin.
+Techniques that need the batch, the loss or an extra forward/backward (alpha-SVRG) subclass this mixin; those that
+add a term of the parameters to the loss once per optimizer step (WEISSI, the KL of nested dropout) subclass
+`LossTermTrainerMixin`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ from types import SimpleNamespace
 
 from transformers import TrainerCallback
 
-from ._compat import checkpoint_layout_differs, checkpoints_in_model_layout
+from ._compat import (
+    checkpoint_layout_differs,
+    checkpoints_in_model_layout,
+    gradient_accumulation_steps,
+    trainer_divides_loss_by_ga,
+)
 
 _TRAINING_WITH_MIXIN: ContextVar[bool] = ContextVar("hf_regtools_training_with_mixin", default=False)
 _checked_run: weakref.ref | None = None  # the TrainerState of the run `warn_if_resume_is_inexact` checked last
@@ -140,3 +147,55 @@ class RegtoolsTrainerMixin:
             from .hub import add_techniques_to_card
 
             add_techniques_to_card(card, uses)
+
+
+def add_per_update_term(trainer, loss, term, num_items_in_batch=None):
+    """`loss + term`, scaled so that `term` counts once per optimizer step under gradient accumulation.
+
+    `Trainer.training_step` divides a micro-batch's loss by the accumulation steps unless the loss is already scaled
+    (`num_items_in_batch` with a model that accepts loss kwargs, a `compute_loss_func`, or `loss_is_scaled_for_ga`;
+    `hf_regtools._compat.trainer_divides_loss_by_ga`). A term of the parameters is added whole when the Trainer divides,
+    and divided by the accumulation steps here when it does not, so the accumulated gradient holds it once.
+    """
+    if not trainer_divides_loss_by_ga(trainer, num_items_in_batch):
+        term = term / gradient_accumulation_steps(trainer)
+    return loss + term.to(loss.dtype)
+
+
+class LossTermTrainerMixin(RegtoolsTrainerMixin):
+    """Base of the Trainer mixins that add a term of the parameters to the training loss, once per optimizer step.
+
+    A subclass implements `loss_term(model) -> (term, metrics)`: `model` is the unwrapped model, `term` a scalar
+    tensor, `metrics` floats to log under their full names (e.g. `hf_regtools/weissi/penalty`). The term is computed
+    in fp32 outside autocast (also under bf16/fp16 mixed precision), added by `add_per_update_term`, and only in
+    training mode (the evaluation loss is the model's own). The metrics of the latest training micro-batch are logged
+    with the Trainer's logs; `technique_use()` (for the model card) is the subclass's.
+    """
+
+    _loss_term_metrics: dict[str, float] | None = None
+
+    def loss_term(self, model) -> tuple:
+        raise NotImplementedError
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            import torch
+
+            device_type = loss.device.type
+            with torch.autocast(device_type, enabled=False):
+                term, metrics = self.loss_term(self.accelerator.unwrap_model(model))
+            loss = add_per_update_term(self, loss, term.float(), num_items_in_batch)
+            self._loss_term_metrics = dict(metrics)
+        return (loss, outputs) if return_outputs else loss
+
+    def technique_metrics(self) -> dict[str, float]:
+        return {**super().technique_metrics(), **(self._loss_term_metrics or {})}
+
+    def technique_use(self):
+        """This mixin and its settings, for model cards; `None` when a subclass records none."""
+        return None
+
+    def technique_uses(self) -> list:
+        own = self.technique_use()
+        return super().technique_uses() + ([own] if own is not None else [])

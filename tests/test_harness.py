@@ -94,6 +94,23 @@ def test_resume_equals_uninterrupted_run(case, tmp_path):
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)
 
 
+ACCUMULATION_CASES = [pytest.param(case, id=f"{technique}-{name}") for technique, name, case in cases()
+                      if case.get("accumulation_equivalent")]
+
+
+@pytest.mark.parametrize("case", ACCUMULATION_CASES)
+def test_accumulation_equals_whole_batch(case, tmp_path):
+    # hf_integration.md §5: a per-update term (a regularizer, a KL) counts once per optimizer step, so batch 8 x GA 1
+    # and batch 4 x GA 2 give the same updates (cases marked "accumulation_equivalent": no BatchNorm, no randomness)
+    whole = build_trainer(case, tmp_path / "whole", max_steps=3, batch_size=8)
+    whole.train()
+    accumulated = build_trainer(case, tmp_path / "accumulated", max_steps=3, batch_size=4,
+                                gradient_accumulation_steps=2)
+    accumulated.train()
+    for name, value in parameters(whole.model).items():
+        torch.testing.assert_close(parameters(accumulated.model)[name], value, atol=1e-6, rtol=1e-5)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

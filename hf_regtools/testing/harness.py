@@ -5,7 +5,9 @@ Each technique's registry entry holds `harness={"cases": {name: case}}`; a case 
 pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) with its constructor arguments
 (`"trainer_init_kwargs"`), an optimizer class (`"optimizer"`: a `("module:Class", kwargs)` pair, passed as
 `optimizer_cls_and_kwargs`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
-the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process).
+the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process). A case marked
+`"accumulation_equivalent": True` (no BatchNorm, no randomness) must give the same updates with batch 8 and with batch
+4 under 2 gradient-accumulation steps: the test of a per-update loss term (`trainer.add_per_update_term`).
 
 Models cover both libraries and both modalities (`tiny_models.INPUTS`): transformers models, timm models as they
 reach a `Trainer` (in `TimmWrapperForImageClassification` or in a user module returning `{"loss", "logits"}`), ViT,

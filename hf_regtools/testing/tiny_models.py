@@ -7,7 +7,8 @@ same family. All are small enough to train for a few steps on CPU in a fraction 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
 "logits"}`. BatchNorm ResNets (`timm_resnet`, `transformers_resnet`) and a BERT-style text encoder
-(`transformers_bert`) and a bias-free MLP without normalization (`mlp_classifier`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
+(`transformers_bert`), a bias-free MLP without normalization (`mlp_classifier`) and a VGG-style BatchNorm CNN
+(`vgg_classifier`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
 """
 
 from __future__ import annotations
@@ -166,6 +167,41 @@ def mlp_classifier(*, image_size: int = 8, channels: int = 3, width: int = 32, d
     return MLPClassifier(channels * image_size * image_size, width, depth, num_labels)
 
 
+class VGGClassifier(torch.nn.Module):
+    """A VGG-style BatchNorm CNN: `features` is an `nn.Sequential` of `Conv2d(3x3, bias=False)`, `BatchNorm2d`, `ReLU`
+    (and `MaxPool2d(2)` where `config` says `"M"`), then global average pooling and `classifier`, an `nn.Sequential`
+    of `Linear`, `BatchNorm1d`, `ReLU`, `Linear` (the layout of the nested-dropout paper's CIFAR VGG).
+    `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
+
+    def __init__(self, config: tuple = (8, "M", 16, "M", 32, 32), hidden: int = 16, num_labels: int = 3,
+                 channels: int = 3):
+        super().__init__()
+        layers, inputs = [], channels
+        for item in config:
+            if item == "M":
+                layers.append(torch.nn.MaxPool2d(2))
+                continue
+            layers += [torch.nn.Conv2d(inputs, item, 3, padding=1, bias=False), torch.nn.BatchNorm2d(item),
+                       torch.nn.ReLU(inplace=True)]
+            inputs = item
+        self.features = torch.nn.Sequential(*layers)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.BatchNorm1d(hidden),
+                                              torch.nn.ReLU(inplace=True), torch.nn.Linear(hidden, num_labels))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.classifier(self.pool(self.features(pixel_values)).flatten(1))
+        outputs = {"logits": logits}
+        if labels is not None:
+            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return outputs
+
+
+def vgg_classifier(**kwargs) -> VGGClassifier:
+    """A tiny `VGGClassifier` for 3 x 16 x 16 images (channels divisible by 4, for nested dropout's groups)."""
+    return VGGClassifier(**kwargs)
+
+
 TEXT_VOCAB_SIZE = 64
 TEXT_LENGTH = 12
 
@@ -192,6 +228,7 @@ INPUTS: dict[str, dict] = {
     "timm_convnext_classifier": {"image_size": 32},
     "timm_resnet_classifier": {"image_size": 32},
     "mlp_classifier": {"image_size": 8},
+    "vgg_classifier": {"image_size": 16},
     "transformers_bert": {"vocab_size": TEXT_VOCAB_SIZE, "length": TEXT_LENGTH},
 }
 """What each Trainer-ready builder takes: `{"image_size"}` (`pixel_values`, 3 channels) or `{"vocab_size", "length"}`
