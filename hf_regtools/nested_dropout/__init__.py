@@ -1,0 +1,35 @@
+"""Bayesian nested networks (variational nested dropout): Cui et al., *Bayesian Nested Neural Networks for Uncertainty
+Calibration and Adaptive Compression*, CVPR 2021. See the method card (`README.md`).
+
+Names resolve lazily, so that reading the technique's registry entry imports no torch.
+"""
+
+from typing import TYPE_CHECKING
+
+from .._lazy import lazy_exports
+
+_LAZY = {
+    "NestedConv2d": ".layers",
+    "LinearVDO": ".layers",
+    "nested_kl": ".layers",
+    "nested_layers": ".layers",
+    "downhill_sample": ".layers",
+    "convert_to_nested": ".convert",
+    "NestedDropoutTrainerMixin": ".trainer",
+    "extract_subnet": ".extract",
+    "recalibrate_bn": ".extract",
+    "expected_calibration_error": ".calibration",
+    "predict_mean": ".calibration",
+}
+
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:
+    from .calibration import expected_calibration_error, predict_mean
+    from .convert import convert_to_nested
+    from .extract import extract_subnet, recalibrate_bn
+    from .layers import LinearVDO, NestedConv2d, downhill_sample, nested_kl, nested_layers
+    from .trainer import NestedDropoutTrainerMixin
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
