@@ -18,16 +18,27 @@ _LAZY = {
     "NestedDropoutTrainerMixin": ".trainer",
     "extract_subnet": ".extract",
     "recalibrate_bn": ".extract",
+    "masked_width": ".extract",
+    "subnet_info": ".extract",
+    "SubnetInfo": ".extract",
+    "SampledConv2d": ".extract",
+    "SampledLinear": ".extract",
     "expected_calibration_error": ".calibration",
     "predict_mean": ".calibration",
+    "MeanPrediction": ".calibration",
+    "save_subnet": ".hub",
+    "load_subnet": ".hub",
+    "push_subnet": ".hub",
 }
 
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
-    from .calibration import expected_calibration_error, predict_mean
+    from .calibration import MeanPrediction, expected_calibration_error, predict_mean
     from .convert import convert_to_nested
-    from .extract import extract_subnet, recalibrate_bn
+    from .extract import (SampledConv2d, SampledLinear, SubnetInfo, extract_subnet, masked_width, recalibrate_bn,
+                          subnet_info)
+    from .hub import load_subnet, push_subnet, save_subnet
     from .layers import LinearVDO, NestedConv2d, downhill_sample, nested_kl, nested_layers
     from .trainer import NestedDropoutTrainerMixin
 
