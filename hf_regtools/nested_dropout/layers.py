@@ -231,12 +231,19 @@ class NestedConv2d(nn.Conv2d):
         """`theta` with the weights of `log alpha >= threshold` zeroed (the official `weights_clipped`)."""
         return torch.where(self.log_alpha >= self.threshold, torch.zeros_like(self.weight), self.weight)
 
-    def kl(self) -> torch.Tensor:
-        """`KL(q(k) || p(k)) + sum_c P(keep channel c) mean_{w in filter c} KL_w`, a scalar in fp32."""
+    def ordering_kl(self) -> torch.Tensor:
+        """`KL(q(k) || p(k)) = sum_k q_k log(q_k / p_k)` (with the official `1e-8` inside the log), fp32."""
         q = self.ordering_probabilities()
-        kl_ordering = torch.dot(q, torch.log(KL_EPS + q / self.pz.float()))
+        return torch.dot(q, torch.log(KL_EPS + q / self.pz.float()))
+
+    def weight_kl(self) -> torch.Tensor:
+        """`sum_c P(keep channel c) mean_{w in filter c} KL_w`, fp32."""
         kl_weights = per_weight_kl_conv(self.log_alpha.float()).mean(dim=(1, 2, 3))
-        return kl_ordering + torch.dot(self.channel_keep_probabilities(), kl_weights)
+        return torch.dot(self.channel_keep_probabilities(), kl_weights)
+
+    def kl(self) -> torch.Tensor:
+        """The layer's KL: `ordering_kl() + weight_kl()`, a scalar in fp32."""
+        return self.ordering_kl() + self.weight_kl()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
