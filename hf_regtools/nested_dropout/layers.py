@@ -93,6 +93,14 @@ def downhill_sample(logits: torch.Tensor, tau: float, *, hard: bool = True) -> t
     return ordering_mask(F.gumbel_softmax(logits, tau=tau, hard=hard))
 
 
+def _rename_official_keys(state_dict: dict, prefix: str) -> None:
+    """Accept the official modules' state dicts: `log_alp` is our `log_alpha`; `ONE` and `ZERO` are constants."""
+    if prefix + "log_alp" in state_dict and prefix + "log_alpha" not in state_dict:
+        state_dict[prefix + "log_alpha"] = state_dict.pop(prefix + "log_alp")
+    for constant in ("ONE", "ZERO"):
+        state_dict.pop(prefix + constant, None)
+
+
 class NestedConv2d(nn.Conv2d):
     """A bias-free `Conv2d` with a variational ordering unit over groups of its output channels and a Gaussian
     posterior over its weights (`Conv2dVND` of the official code).
@@ -113,6 +121,9 @@ class NestedConv2d(nn.Conv2d):
         beta_r_init (`float`, *optional*, defaults to 3.0): initial logit of every `beta` (`sigmoid(3) = 0.953`).
         threshold (`float`, *optional*, defaults to 3.0): weights with `log alpha >= threshold` are zeroed in
             `deterministic_weight()`.
+
+    State dict: `weight`, `log_alpha`, `beta_r` (the betas' logits) and the fixed prior as buffers `pi` and `pz`; an
+    official `Conv2dVND` state dict (`log_alp`, `ONE`, `ZERO`) loads as well.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -254,6 +265,10 @@ class NestedConv2d(nn.Conv2d):
         output = mean + std * torch.randn_like(mean)
         return output * self.sample_mask().to(output.dtype).view(1, -1, 1, 1)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_official_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_div={self.num_div}, freeze={self.freeze}, prior_pi={self.prior_pi}, "
                 f"tau={self.tau}, sampler_logits={self.sampler_logits!r}, threshold={self.threshold}")
@@ -318,6 +333,10 @@ class LinearVDO(nn.Linear):
         std = torch.sqrt(variance.float().clamp_min(torch.finfo(torch.float32).tiny)).to(mean.dtype)
         output = mean + std * torch.randn_like(mean)
         return output + self.bias if self.bias is not None else output
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_official_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"

@@ -236,3 +236,15 @@ def test_mixed_precision_forward_keeps_a_binary_mask_and_a_fp32_kl():
         kl = conv.kl()
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert kl.dtype == torch.float32
+
+
+def test_official_state_dict_keys_load():
+    conv = layer(num_div=4, freeze=1)
+    official = {"weight": torch.randn_like(conv.weight), "log_alp": torch.full_like(conv.weight, -2.0),
+                "beta_r": torch.tensor([1.0, 2.0, 3.0]), "pi": torch.full((3,), 0.9), "ONE": torch.tensor([1.0]),
+                "ZERO": torch.tensor([0.0]), "pz": conv.pz.clone()}
+    conv.load_state_dict(official)
+    assert torch.equal(conv.log_alpha, official["log_alp"]) and torch.equal(conv.beta_r, official["beta_r"])
+    vdo = LinearVDO(3, 2)
+    vdo.load_state_dict({"weight": torch.ones(2, 3), "bias": torch.zeros(2), "log_alp": torch.full((2, 3), -3.0)})
+    assert torch.equal(vdo.log_alpha, torch.full((2, 3), -3.0))
