@@ -7,8 +7,6 @@ from hf_regtools.adapters.nested_sites import NestedSite, nested_sites
 from hf_regtools.nested_dropout import LinearVDO, NestedConv2d, convert_to_nested, nested_layers
 from hf_regtools.testing import tiny_models
 
-SIZES = tiny_models.INPUTS
-
 BUILDERS = {
     "vgg_classifier": tiny_models.vgg_classifier,
     "timm_resnet_classifier": tiny_models.timm_resnet_classifier,
@@ -138,3 +136,9 @@ def test_errors_name_the_layer_and_the_fix():
         convert_to_nested(model, num_div=32)
     assert not nested_layers(model) and not isinstance(model.classifier[0], LinearVDO), \
         "validation runs before any layer is replaced"
+
+
+@pytest.mark.parametrize("name", ["vgg_classifier", "timm_resnet_bottleneck", "transformers_resnet"])
+def test_sites_are_the_same_after_conversion(name):
+    before = nested_sites(build(name))
+    assert nested_sites(convert_to_nested(build(name), num_div=4, freeze=1)) == before

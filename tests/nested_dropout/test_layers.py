@@ -1,4 +1,4 @@
-"""NestedConv2d, LinearVDO and the Downhill sampler against the spec's formulas (nested_dropout.md §2, §7 items 1-4)."""
+"""NestedConv2d, LinearVDO and the Downhill sampler against the spec's formulas (nested_dropout.md §2, §7.1-4)."""
 
 import math
 
@@ -248,3 +248,11 @@ def test_official_state_dict_keys_load():
     vdo = LinearVDO(3, 2)
     vdo.load_state_dict({"weight": torch.ones(2, 3), "bias": torch.zeros(2), "log_alp": torch.full((2, 3), -3.0)})
     assert torch.equal(vdo.log_alpha, torch.full((2, 3), -3.0))
+
+
+def test_relaxed_downhill_masks_are_monotone_in_0_1():
+    torch.manual_seed(0)
+    logits = torch.randn(1000, 9)
+    masks = downhill_sample(logits, 0.5, hard=False)
+    assert masks.shape == (1000, 8) and (masks >= -1e-6).all() and (masks <= 1 + 1e-6).all()
+    assert (masks[:, 1:] <= masks[:, :-1] + 1e-6).all() and not set(masks.unique().tolist()) <= {0.0, 1.0}

@@ -1,4 +1,4 @@
-"""NestedDropoutTrainerMixin: the KL once per optimizer step, metrics, settings; a training smoke test (spec §7.6-7)."""
+"""NestedDropoutTrainerMixin: the KL once per optimizer step, metrics, settings; a training smoke test (§7.6-7)."""
 
 import pytest
 import torch
@@ -6,6 +6,7 @@ from transformers import TrainerCallback
 
 from hf_regtools.nested_dropout import NestedDropoutTrainerMixin, convert_to_nested, nested_kl, nested_layers
 from hf_regtools.testing.harness import build_trainer
+from hf_regtools.trainer import LossTermTrainerMixin
 
 MIXIN = "hf_regtools.nested_dropout:NestedDropoutTrainerMixin"
 PLAIN = "hf_regtools.trainer:RegtoolsTrainerMixin"
@@ -108,4 +109,4 @@ def test_bad_settings_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"call convert_to_nested\(model\)"):
         build_trainer({"model": "vgg_classifier", "mixin": MIXIN}, tmp_path, max_steps=1, model=NoBatchNormNet(),
                       callbacks=[])
-    assert issubclass(NestedDropoutTrainerMixin, __import__("hf_regtools.trainer").trainer.LossTermTrainerMixin)
+    assert issubclass(NestedDropoutTrainerMixin, LossTermTrainerMixin)
