@@ -93,6 +93,14 @@ def downhill_sample(logits: torch.Tensor, tau: float, *, hard: bool = True) -> t
     return ordering_mask(F.gumbel_softmax(logits, tau=tau, hard=hard))
 
 
+def _rename_official_keys(state_dict: dict, prefix: str) -> None:
+    """Accept the official modules' state dicts: `log_alp` is our `log_alpha`; `ONE` and `ZERO` are constants."""
+    if prefix + "log_alp" in state_dict and prefix + "log_alpha" not in state_dict:
+        state_dict[prefix + "log_alpha"] = state_dict.pop(prefix + "log_alp")
+    for constant in ("ONE", "ZERO"):
+        state_dict.pop(prefix + constant, None)
+
+
 class NestedConv2d(nn.Conv2d):
     """A bias-free `Conv2d` with a variational ordering unit over groups of its output channels and a Gaussian
     posterior over its weights (`Conv2dVND` of the official code).
@@ -113,6 +121,9 @@ class NestedConv2d(nn.Conv2d):
         beta_r_init (`float`, *optional*, defaults to 3.0): initial logit of every `beta` (`sigmoid(3) = 0.953`).
         threshold (`float`, *optional*, defaults to 3.0): weights with `log alpha >= threshold` are zeroed in
             `deterministic_weight()`.
+
+    State dict: `weight`, `log_alpha`, `beta_r` (the betas' logits) and the fixed prior as buffers `pi` and `pz`; an
+    official `Conv2dVND` state dict (`log_alp`, `ONE`, `ZERO`) loads as well.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
@@ -231,12 +242,19 @@ class NestedConv2d(nn.Conv2d):
         """`theta` with the weights of `log alpha >= threshold` zeroed (the official `weights_clipped`)."""
         return torch.where(self.log_alpha >= self.threshold, torch.zeros_like(self.weight), self.weight)
 
-    def kl(self) -> torch.Tensor:
-        """`KL(q(k) || p(k)) + sum_c P(keep channel c) mean_{w in filter c} KL_w`, a scalar in fp32."""
+    def ordering_kl(self) -> torch.Tensor:
+        """`KL(q(k) || p(k)) = sum_k q_k log(q_k / p_k)` (with the official `1e-8` inside the log), fp32."""
         q = self.ordering_probabilities()
-        kl_ordering = torch.dot(q, torch.log(KL_EPS + q / self.pz.float()))
+        return torch.dot(q, torch.log(KL_EPS + q / self.pz.float()))
+
+    def weight_kl(self) -> torch.Tensor:
+        """`sum_c P(keep channel c) mean_{w in filter c} KL_w`, fp32."""
         kl_weights = per_weight_kl_conv(self.log_alpha.float()).mean(dim=(1, 2, 3))
-        return kl_ordering + torch.dot(self.channel_keep_probabilities(), kl_weights)
+        return torch.dot(self.channel_keep_probabilities(), kl_weights)
+
+    def kl(self) -> torch.Tensor:
+        """The layer's KL: `ordering_kl() + weight_kl()`, a scalar in fp32."""
+        return self.ordering_kl() + self.weight_kl()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
@@ -246,6 +264,10 @@ class NestedConv2d(nn.Conv2d):
         std = torch.sqrt(variance.float() + VARIANCE_EPS).to(mean.dtype)
         output = mean + std * torch.randn_like(mean)
         return output * self.sample_mask().to(output.dtype).view(1, -1, 1, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_official_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_div={self.num_div}, freeze={self.freeze}, prior_pi={self.prior_pi}, "
@@ -311,6 +333,10 @@ class LinearVDO(nn.Linear):
         std = torch.sqrt(variance.float().clamp_min(torch.finfo(torch.float32).tiny)).to(mean.dtype)
         output = mean + std * torch.randn_like(mean)
         return output + self.bias if self.bias is not None else output
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _rename_official_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
