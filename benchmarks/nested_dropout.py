@@ -103,8 +103,9 @@ def main() -> None:
             subnet = extract_subnet(nested, rho)
             info = subnet.nested_subnet_info
             forward = timed(lambda: subnet(x), max(3, args.steps // 2), device)
-            print(f"| {rho:.2f} | {seconds * 1e3:.1f} | {info.parameters} | {info.parameters / info.full_parameters:.3f} "
-                  f"| {forward * 1e3:.2f} | {forward / full_forward:.3f} |")
+            share = info.parameters / info.full_parameters
+            print(f"| {rho:.2f} | {seconds * 1e3:.1f} | {info.parameters} | {share:.3f} | {forward * 1e3:.2f} "
+                  f"| {forward / full_forward:.3f} |")
 
 
 if __name__ == "__main__":
