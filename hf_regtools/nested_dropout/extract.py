@@ -28,7 +28,9 @@ SUBNET_ATTRIBUTE = "nested_subnet_info"
 class SampledConv2d(nn.Conv2d):
     """A bias-free convolution that samples its weights from `N(theta, alpha theta^2)` in every forward, in training
     and evaluation mode alike (local reparameterisation, as `NestedConv2d` in training, without a channel mask): the
-    layers of a sub-network extracted with `weight_mode="sampled"`. Average several passes (`predict_mean`)."""
+    layers of a sub-network extracted with `weight_mode="sampled"`. An all-zero filter (a dropped channel kept by
+    `fold_bn=False`) has zero variance and outputs exactly 0, without the `1e-8` guard's noise. Average several passes
+    (`predict_mean`)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, padding_mode: str = "zeros", device=None, dtype=None):
@@ -40,7 +42,8 @@ class SampledConv2d(nn.Conv2d):
         mean = self._conv_forward(input, self.weight, self.bias)
         variance = self._conv_forward(input * input, torch.exp(self.log_alpha) * self.weight * self.weight, None)
         std = torch.sqrt(variance.float() + VARIANCE_EPS).to(mean.dtype)
-        return mean + std * torch.randn_like(mean)
+        live = (self.weight != 0).flatten(1).any(1).to(mean.dtype).view(1, -1, 1, 1)  # an all-zero filter: no noise
+        return mean + std * live * torch.randn_like(mean)
 
 
 class SampledLinear(LinearVDO):
@@ -370,8 +373,9 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, n_batches: int | None = N
     train-mode forwards of the BatchNorm layers only and no gradients: every other module keeps its mode (a
     `NestedConv2d` in evaluation mode stays a deterministic full-width convolution, dropout stays off), as the
     official evaluation does for each width (`set_bn_train` then one epoch of forwards). Each module's mode and each
-    BatchNorm's momentum are restored afterwards. Unlike `torch.optim.swa_utils.update_bn`, which this otherwise
-    follows, it leaves non-BatchNorm modules in their mode, accepts dict batches and can stop after `n_batches`.
+    BatchNorm's momentum are restored afterwards, and on an error the previous statistics too. Unlike
+    `torch.optim.swa_utils.update_bn`, which this otherwise follows, it leaves non-BatchNorm modules in their mode,
+    accepts dict batches and can stop after `n_batches`.
 
     Args:
         model (`nn.Module`): the network (e.g. a sub-network from `extract_subnet`).

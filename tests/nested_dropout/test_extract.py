@@ -261,3 +261,16 @@ def test_push_to_the_hub_and_a_failing_push(tmp_path, fake_hub):
                                                                      "nested_subnet.json"]
     assert fake_hub.commits(other) == []
     fake_hub.clear_faults()
+
+
+def test_sampled_parity_network_keeps_dropped_channels_at_exactly_zero():
+    model, x = nested(), images()
+    subnet = extract_subnet(model, 0.4, weight_mode="sampled", fold_bn=False)
+    outputs = []
+    hook = subnet.features[8].register_forward_hook(lambda module, args, output: outputs.append(output))
+    logits(subnet, x)
+    hook.remove()
+    kept = model.features[8].kept_channels(0.4)
+    assert subnet.features[8].out_channels == 32 and torch.equal(outputs[0][:, kept:], torch.zeros_like(
+        outputs[0][:, kept:]))
+    assert (outputs[0][:, :kept] != 0).all()
