@@ -14,6 +14,7 @@ _LAZY = {
     "nested_kl": ".layers",
     "nested_layers": ".layers",
     "downhill_sample": ".layers",
+    "keep_probabilities": ".layers",
     "convert_to_nested": ".convert",
     "NestedDropoutTrainerMixin": ".trainer",
     "extract_subnet": ".extract",
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from .calibration import expected_calibration_error, predict_mean
     from .convert import convert_to_nested
     from .extract import extract_subnet, recalibrate_bn
-    from .layers import LinearVDO, NestedConv2d, downhill_sample, nested_kl, nested_layers
+    from .layers import LinearVDO, NestedConv2d, downhill_sample, keep_probabilities, nested_kl, nested_layers
     from .trainer import NestedDropoutTrainerMixin
 
 

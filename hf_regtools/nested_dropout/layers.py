@@ -357,6 +357,13 @@ class LinearVDO(nn.Linear):
         return f"{super().extra_repr()}, threshold={self.threshold}"
 
 
+def keep_probabilities(layer: NestedConv2d) -> torch.Tensor:
+    """`P(group i kept) = prod_{j<=i} beta_j` of a `NestedConv2d`'s ordered groups (`Tensor[D]`)."""
+    if not isinstance(layer, NestedConv2d):
+        raise TypeError(f"keep_probabilities needs a NestedConv2d, got {type(layer).__name__}")
+    return layer.keep_probabilities()
+
+
 def nested_layers(model: nn.Module) -> list[tuple[str, NestedConv2d]]:
     """`(name, layer)` of every `NestedConv2d` in `model`, in module order."""
     return [(name, module) for name, module in model.named_modules() if isinstance(module, NestedConv2d)]
