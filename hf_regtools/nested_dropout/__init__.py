@@ -14,6 +14,7 @@ _LAZY = {
     "nested_kl": ".layers",
     "nested_layers": ".layers",
     "downhill_sample": ".layers",
+    "keep_probabilities": ".layers",
     "convert_to_nested": ".convert",
     "NestedDropoutTrainerMixin": ".trainer",
     "extract_subnet": ".extract",
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from .extract import (SampledConv2d, SampledLinear, SubnetInfo, extract_subnet, masked_width, recalibrate_bn,
                           subnet_info)
     from .hub import load_subnet, push_subnet, save_subnet
-    from .layers import LinearVDO, NestedConv2d, downhill_sample, nested_kl, nested_layers
+    from .layers import LinearVDO, NestedConv2d, downhill_sample, keep_probabilities, nested_kl, nested_layers
     from .trainer import NestedDropoutTrainerMixin
 
 

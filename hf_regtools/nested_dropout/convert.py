@@ -80,8 +80,8 @@ def convert_to_nested(model: nn.Module, include=None, exclude=None, *, keep_firs
                          "(supported: VGG-style nn.Sequential chains, timm / torchvision ResNet blocks, transformers "
                          "ResNet layers)")
     convs = [site.conv for site in sites if not isinstance(modules[site.conv], NestedConv2d)]
+    first = next((name for name, module in modules.items() if isinstance(module, nn.Conv2d)), None)
     if keep_first_conv:
-        first = next((name for name, module in modules.items() if isinstance(module, nn.Conv2d)), None)
         convs = [name for name in convs if name != first]
     linears = [name for name, module in modules.items()
                if linear_vdo and isinstance(module, nn.Linear) and not isinstance(module, LinearVDO)]
@@ -89,8 +89,10 @@ def convert_to_nested(model: nn.Module, include=None, exclude=None, *, keep_firs
     for kind, patterns in (("include", includes), ("exclude", excludes)):
         for pattern in patterns:
             if not any(pattern.search(name) for name in candidates):
+                hint = f"; the first convolution {first!r} stays ordinary unless keep_first_conv=False" if \
+                    keep_first_conv and first is not None and pattern.search(first) else ""
                 raise ValueError(f"{kind} pattern {pattern.pattern!r} matches none of the layers convert_to_nested "
-                                 f"can convert: {candidates}")
+                                 f"can convert: {candidates}{hint}")
     selected = lambda name: (not includes or any(p.search(name) for p in includes)) and \
         not any(p.search(name) for p in excludes)  # noqa: E731
     convs, linears = [n for n in convs if selected(n)], [n for n in linears if selected(n)]

@@ -11,6 +11,7 @@ the objective's KL; `nested_kl(model)` sums them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -91,6 +92,14 @@ def downhill_sample(logits: torch.Tensor, tau: float, *, hard: bool = True) -> t
     gradient is the relaxed sample's (straight-through); `hard=False` gives the relaxed mask. Uses the torch RNG.
     """
     return ordering_mask(F.gumbel_softmax(logits, tau=tau, hard=hard))
+
+
+def _variance_operands(input: torch.Tensor, weight_variance: torch.Tensor, mean: torch.Tensor):
+    """`(input^2, alpha theta^2, context)` for the variance path: in fp32 with autocast off when the layer computes in
+    fp16 (the path's gradient, `g / (2 std)`, overflows fp16 under loss scaling for small `std`), else as they are."""
+    if mean.dtype == torch.float16:
+        return input.float() ** 2, weight_variance.float(), torch.autocast(mean.device.type, enabled=False)
+    return input * input, weight_variance, contextlib.nullcontext()
 
 
 def _rename_official_keys(state_dict: dict, prefix: str) -> None:
@@ -260,7 +269,10 @@ class NestedConv2d(nn.Conv2d):
         if not self.training:
             return self._conv_forward(input, self.deterministic_weight(), None)
         mean = self._conv_forward(input, self.weight, None)
-        variance = self._conv_forward(input * input, torch.exp(self.log_alpha) * self.weight * self.weight, None)
+        squared, weight_variance, precision = _variance_operands(
+            input, torch.exp(self.log_alpha) * self.weight * self.weight, mean)
+        with precision:
+            variance = self._conv_forward(squared, weight_variance, None)
         std = torch.sqrt(variance.float() + VARIANCE_EPS).to(mean.dtype)
         output = mean + std * torch.randn_like(mean)
         return output * self.sample_mask().to(output.dtype).view(1, -1, 1, 1)
@@ -329,7 +341,10 @@ class LinearVDO(nn.Linear):
         if not self.training:
             return F.linear(input, self.deterministic_weight(), self.bias)
         mean = F.linear(input, self.weight)
-        variance = F.linear(input * input, torch.exp(self.log_alpha) * self.weight * self.weight + VARIANCE_EPS)
+        squared, weight_variance, precision = _variance_operands(
+            input, torch.exp(self.log_alpha) * self.weight * self.weight + VARIANCE_EPS, mean)
+        with precision:
+            variance = F.linear(squared, weight_variance)
         std = torch.sqrt(variance.float().clamp_min(torch.finfo(torch.float32).tiny)).to(mean.dtype)
         output = mean + std * torch.randn_like(mean)
         return output + self.bias if self.bias is not None else output
@@ -340,6 +355,13 @@ class LinearVDO(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
+
+
+def keep_probabilities(layer: NestedConv2d) -> torch.Tensor:
+    """`P(group i kept) = prod_{j<=i} beta_j` of a `NestedConv2d`'s ordered groups (`Tensor[D]`)."""
+    if not isinstance(layer, NestedConv2d):
+        raise TypeError(f"keep_probabilities needs a NestedConv2d, got {type(layer).__name__}")
+    return layer.keep_probabilities()
 
 
 def nested_layers(model: nn.Module) -> list[tuple[str, NestedConv2d]]:

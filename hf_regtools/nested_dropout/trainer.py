@@ -62,7 +62,9 @@ class NestedDropoutTrainerMixin(LossTermTrainerMixin):
         return self.kl_weight * kl, metrics
 
     def technique_metrics(self) -> dict[str, float]:
-        return {name: float(value) for name, value in super().technique_metrics().items()}
+        # the metrics stay tensors until they are logged: no device sync per micro-batch
+        return {name: float(value) if isinstance(value, torch.Tensor) else value
+                for name, value in super().technique_metrics().items()}
 
     def technique_use(self):
         from ..hub import TechniqueUse

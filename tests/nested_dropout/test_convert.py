@@ -126,6 +126,8 @@ def test_errors_name_the_layer_and_the_fix():
         convert_to_nested(build("vgg_classifier"), num_groups=4)
     with pytest.raises(ValueError, match="matches none"):
         convert_to_nested(build("vgg_classifier"), include="nothing", num_div=4)
+    with pytest.raises(ValueError, match="stays ordinary unless keep_first_conv=False"):
+        convert_to_nested(build("vgg_classifier"), include=r"features\.0$", num_div=4)
     with pytest.raises(ValueError, match="no convolution whose output channels"):
         convert_to_nested(tiny_models.mlp_classifier())
     biased = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3), torch.nn.Conv2d(8, 8, 3))

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from hf_regtools.nested_dropout import LinearVDO, NestedConv2d, downhill_sample, nested_kl, nested_layers
+from hf_regtools.nested_dropout import (LinearVDO, NestedConv2d, downhill_sample, keep_probabilities, nested_kl,
+                                        nested_layers)
 from hf_regtools.nested_dropout.layers import mean_keep_probability
 
 BETA = torch.sigmoid(torch.tensor(3.0)).item()
@@ -50,6 +51,7 @@ def test_keep_probabilities_are_the_reverse_cumulative_sum_of_q():
     torch.testing.assert_close(conv.keep_probabilities().double(), reverse_cumsum, rtol=1e-5, atol=1e-7)
     betas = torch.sigmoid(conv.beta_r.clamp(-5, 5))
     torch.testing.assert_close(conv.keep_probabilities(), torch.cumprod(betas, 0))
+    assert torch.equal(keep_probabilities(conv), conv.keep_probabilities())
 
 
 def test_betas_are_clipped_logits():
