@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters.nested_sites import NestedSite, nested_sites
-from .layers import VARIANCE_EPS, LinearVDO, NestedConv2d, nested_layers
+from .layers import VARIANCE_EPS, LinearVDO, NestedConv2d, _variance_operands, nested_layers
 
 WEIGHT_MODES = ("deterministic", "sampled")
 SUBNET_ATTRIBUTE = "nested_subnet_info"
@@ -40,7 +40,10 @@ class SampledConv2d(nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         mean = self._conv_forward(input, self.weight, self.bias)
-        variance = self._conv_forward(input * input, torch.exp(self.log_alpha) * self.weight * self.weight, None)
+        squared, weight_variance, precision = _variance_operands(
+            input, torch.exp(self.log_alpha) * self.weight * self.weight, mean)
+        with precision:
+            variance = self._conv_forward(squared, weight_variance, None)
         std = torch.sqrt(variance.float() + VARIANCE_EPS).to(mean.dtype)
         live = (self.weight != 0).flatten(1).any(1).to(mean.dtype).view(1, -1, 1, 1)  # an all-zero filter: no noise
         return mean + std * live * torch.randn_like(mean)
