@@ -64,7 +64,7 @@ def build(name: str, num_labels: int = 10):
     from transformers import ResNetConfig, ResNetForImageClassification
 
     config = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
-                          num_labels=num_labels)
+                          layer_type="basic", num_labels=num_labels)
     return ResNetForImageClassification(config), 32, 1
 
 
