@@ -63,8 +63,8 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "stochnorm.py", "weight_rescaling.py",
-                       "weight_selection.py"]
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
+                       "weight_rescaling.py", "weight_selection.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -243,3 +243,22 @@ def test_gradinit_example(tmp_path, hub_env):
     assert report["constraint_steps"] + report["objective_steps"] == 4 and report["scales"]
     logs = step_logs(out, "hf_regtools/gradinit/constraint_steps")
     assert logs == {s: report["constraint_steps"] for s in range(1, 4)}
+
+
+def test_nested_dropout_example_trains_and_pushes_a_sub_network(tmp_path, fake_hub, hub_env):
+    out, subnet_repo = tmp_path / "run", repo("nested-subnet")
+    proc = run_example("nested_dropout.py", ["--model", "vgg", "--max_steps", "4", "--widths", "0,1",
+                                             "--subnet_width", "0.5", "--passes", "2", *SMOKE, "--output_dir", out,
+                                             "--push_to_hub", "--hub_model_id", subnet_repo], hub_env, tmp_path)
+    assert set(step_logs(out, "hf_regtools/nested_dropout/kl")) == {1, 2, 3, 4}
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 0") or line.startswith("| 1")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0", "| 0.5", "| 1"]
+    assert {"README.md", "model.safetensors", "nested_subnet.json"} <= set(fake_hub.files(subnet_repo))
+    card = ModelCard.load(subnet_repo)
+    assert "nested-dropout" in card.data.tags and "width `rho` | 0.5" in card.text
+
+    from hf_regtools.nested_dropout import load_subnet
+    from hf_regtools.testing.tiny_models import VGGClassifier
+
+    subnet = load_subnet(subnet_repo, VGGClassifier(config=(16, "M", 32, 32), hidden=32, num_labels=10, channels=1))
+    assert subnet.nested_subnet_info.rho == 0.5 and subnet(torch.zeros(2, 1, 8, 8))["logits"].shape == (2, 10)

@@ -3,9 +3,11 @@
 Each technique's registry entry holds `harness={"cases": {name: case}}`; a case names a tiny model from
 `tiny_models` (`"model"`, `"model_kwargs"`), the callbacks to attach (`"callbacks"`: `("module:Class", kwargs)`
 pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) with its constructor arguments
-(`"trainer_init_kwargs"`), an optimizer class (`"optimizer"`: a `("module:Class", kwargs)` pair, passed as
-`optimizer_cls_and_kwargs`) and `TrainingArguments` (`"trainer_kwargs"`), and whether training is deterministic given
-the global batch (`"deterministic"`: no dropout-like randomness, so 2 processes equal 1 process). A case marked
+(`"trainer_init_kwargs"`), a surgery applied to the model before the Trainer is built (`"surgery"`: a
+`("module:function", kwargs)` pair; the function changes the model in place or returns it), an optimizer class
+(`"optimizer"`: a `("module:Class", kwargs)` pair, passed as `optimizer_cls_and_kwargs`) and `TrainingArguments`
+(`"trainer_kwargs"`), and whether training is deterministic given the global batch (`"deterministic"`: no
+dropout-like randomness, so 2 processes equal 1 process). A case marked
 `"accumulation_equivalent": True` (no BatchNorm, no randomness) must give the same updates with batch 8 and with batch
 4 under 2 gradient-accumulation steps: the test of a per-update loss term (`trainer.add_per_update_term`).
 
@@ -49,7 +51,11 @@ def _load(target: str):
 
 def build_model(case: dict, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return getattr(tiny_models, case["model"])(**case.get("model_kwargs", {}))
+    model = getattr(tiny_models, case["model"])(**case.get("model_kwargs", {}))
+    if "surgery" in case:
+        target, kwargs = case["surgery"]
+        model = _load(target)(model, **kwargs) or model
+    return model
 
 
 def build_callbacks(case: dict) -> list:
