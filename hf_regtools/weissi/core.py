@@ -139,8 +139,12 @@ def find_weissi_structure(model: torch.nn.Module, *, layers: Sequence[str] | Non
                              f"{type(modules[breaking[0]]).__name__}), so WEISSI's invariance and input-gradient bound "
                              "do not hold for it; pass layers=[...] (and residual_blocks=[...]) to regularize chosen "
                              "layers anyway")
-    blocks = _parse_blocks(modules, residual_blocks) if explicit_blocks else [
-        ResidualBlock(branch, shortcut) for branch, shortcut in family_residual_blocks(model)]
+    if explicit_blocks:
+        blocks = _parse_blocks(modules, residual_blocks)
+    elif layers is None:
+        blocks = [ResidualBlock(branch, shortcut) for branch, shortcut in family_residual_blocks(model)]
+    else:
+        blocks = []
     if layers is not None:
         chain = [_check_layer(modules, name, "layers") for name in layers]
     else:
@@ -176,8 +180,13 @@ def _validate(lambda1: float, lambda2: float, norm: str, power_iterations: int) 
         raise ValueError(f"power_iterations must be a positive integer, got {power_iterations!r}")
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32, or fp64 for fp64 weights."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _as_matrix(weight: torch.Tensor) -> torch.Tensor:
-    return weight.reshape(weight.shape[0], -1).float()
+    return weight.reshape(weight.shape[0], -1).to(compute_dtype(weight.dtype))
 
 
 class WeissiRegularizer:
@@ -232,9 +241,9 @@ class WeissiRegularizer:
         matrix = _as_matrix(weight)
         with torch.no_grad():
             u = self.state.get(name)
-            if u is None or u.shape[0] != matrix.shape[0] or u.device != matrix.device:
+            if u is None or u.shape != matrix.shape[:1] or u.device != matrix.device or u.dtype != matrix.dtype:
                 generator = torch.Generator().manual_seed(len(self.state))
-                u = torch.randn(matrix.shape[0], generator=generator).to(matrix.device)
+                u = torch.randn(matrix.shape[0], generator=generator, dtype=matrix.dtype).to(matrix.device)
                 u = u / u.norm().clamp_min(EPS)
             for _ in range(self.power_iterations):
                 v = torch.nn.functional.normalize(matrix.t() @ u, dim=0, eps=EPS)
@@ -259,8 +268,8 @@ class WeissiRegularizer:
         blocks = self.structure.blocks
         if blocks:
             positions, block_of, shortcut_blocks, shortcut_positions = self._indices(norms.device)
-            log_branch = torch.zeros(len(blocks), device=norms.device).index_add(0, block_of, log_norms[positions])
-            log_shortcut = torch.zeros(len(blocks), device=norms.device)
+            log_branch = torch.zeros(len(blocks), dtype=norms.dtype, device=norms.device).index_add(0, block_of, log_norms[positions])
+            log_shortcut = torch.zeros(len(blocks), dtype=norms.dtype, device=norms.device)
             if self._shortcuts:
                 log_shortcut = log_shortcut.index_put((shortcut_blocks,), log_norms[shortcut_positions])
             log_norm_sum = log_norm_sum + torch.logaddexp(log_shortcut, log_branch).sum()
@@ -273,7 +282,8 @@ class WeissiRegularizer:
 
 
 def _fused_norms(weights: list[torch.Tensor], order: int) -> torch.Tensor:
-    """`[||w||_order for w in weights]` as one fp32 tensor: one `torch._foreach_norm` per (device, dtype) group."""
+    """`[||w||_order for w in weights]` as one fp32 tensor (fp64 for fp64 weights): one `torch._foreach_norm` per
+    (device, dtype) group."""
     groups: dict[tuple, list[int]] = {}
     for index, weight in enumerate(weights):
         groups.setdefault((weight.device, weight.dtype), []).append(index)
@@ -288,7 +298,7 @@ def _fused_norms(weights: list[torch.Tensor], order: int) -> torch.Tensor:
 
 
 def _foreach_norm(weights: list[torch.Tensor], order: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    if dtype == torch.float32:
+    if dtype in (torch.float32, torch.float64):
         return list(torch._foreach_norm(weights, order))
     if dtype in (torch.float16, torch.bfloat16):
         return list(torch._foreach_norm(weights, order, dtype=torch.float32))
