@@ -227,6 +227,7 @@ class WeissiRegularizer:
         self._branch_block = [index for index, block in enumerate(blocks) for _ in block.branch]
         self._shortcuts = [(index, position[block.shortcut]) for index, block in enumerate(blocks) if block.shortcut]
         self._index_cache: dict[torch.device, tuple] = {}
+        self._scratch: dict[tuple, torch.Tensor] = {}
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.weights)
@@ -234,7 +235,7 @@ class WeissiRegularizer:
     def layer_norms(self) -> torch.Tensor:
         """The norm of every managed weight (`norm`), fp32, differentiable, in `structure.layers` order."""
         if self.norm == "fro":
-            return _fused_norms(self.weights, 2)
+            return weight_norms(self.weights, with_l1=False)[0]
         return torch.stack([self._spectral_norm(name, weight) for name, weight in zip(self.names, self.weights)])
 
     def _spectral_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -262,7 +263,13 @@ class WeissiRegularizer:
     def terms(self) -> dict[str, torch.Tensor]:
         """`{"penalty", "log_norm_sum", "l1_direction"}`: `R = lambda1 * log_norm_sum + lambda2 * l1_direction` and
         its two parts (fp32 tensors, differentiable)."""
-        norms = self.layer_norms().clamp_min(EPS)
+        with_l1 = bool(self.lambda2)
+        if self.norm == "fro":
+            norms, l1_norms = weight_norms(self.weights, with_l1=with_l1, scratch=self._scratch)
+        else:
+            norms = self.layer_norms()
+            l1_norms = weight_norms(self.weights, with_l1=True, scratch=self._scratch)[1] if with_l1 else None
+        norms = norms.clamp_min(EPS)
         log_norms = norms.log()
         log_norm_sum = log_norms[:self._chain].sum()
         blocks = self.structure.blocks
@@ -273,12 +280,64 @@ class WeissiRegularizer:
             if self._shortcuts:
                 log_shortcut = log_shortcut.index_put((shortcut_blocks,), log_norms[shortcut_positions])
             log_norm_sum = log_norm_sum + torch.logaddexp(log_shortcut, log_branch).sum()
-        l1_direction = (_fused_norms(self.weights, 1) / norms).sum() if self.lambda2 else norms.new_zeros(())
+        l1_direction = (l1_norms / norms).sum() if with_l1 else norms.new_zeros(())
         penalty = self.lambda1 * log_norm_sum + self.lambda2 * l1_direction
         return {"penalty": penalty, "log_norm_sum": log_norm_sum, "l1_direction": l1_direction}
 
     def __call__(self) -> torch.Tensor:
         return self.terms()["penalty"]
+
+
+class _WeightNorms(torch.autograd.Function):
+    """`stack([l2 norms, l1 norms])` of a list of weights, with one fused pass per norm and a backward that writes each
+    weight's gradient `a * W + b * sign(W)` into one new tensor (autograd's own backward allocates several)."""
+
+    @staticmethod
+    def forward(ctx, with_l1: bool, scratch: dict, *weights: torch.Tensor) -> torch.Tensor:
+        l2 = _fused_norms(list(weights), 2)
+        l1 = torch.stack([_abs_sum(weight, scratch, l2.dtype) for weight in weights]) if with_l1 else \
+            torch.zeros_like(l2)
+        ctx.with_l1 = with_l1
+        ctx.save_for_backward(l2, *weights)
+        return torch.stack([l2, l1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        l2, *weights = ctx.saved_tensors
+        radial = torch.where(l2 > 0, grad[0] / l2.clamp_min(EPS), torch.zeros_like(l2))
+        grads = []
+        for index, (weight, needed) in enumerate(zip(weights, ctx.needs_input_grad[2:])):
+            if not needed:
+                grads.append(None)
+                continue
+            scale = radial[index].to(weight.dtype)
+            if ctx.with_l1:
+                gradient = torch.sign(weight)
+                gradient.mul_(grad[1, index].to(weight.dtype)).addcmul_(weight, scale)
+            else:
+                gradient = weight * scale
+            grads.append(gradient)
+        return (None, None, *grads)
+
+
+def _abs_sum(weight: torch.Tensor, scratch: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    """`||weight||_1` through a reused buffer (no allocation per call)."""
+    if scratch is None:
+        return weight.abs().sum(dtype=dtype)
+    key = (weight.device, weight.dtype)
+    buffer = scratch.get(key)
+    if buffer is None or buffer.numel() < weight.numel():
+        buffer = scratch[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    view = buffer[:weight.numel()].view(weight.shape)
+    torch.abs(weight, out=view)
+    return view.sum(dtype=dtype)
+
+
+def weight_norms(weights: list[torch.Tensor], *, with_l1: bool = True, scratch: dict | None = None) -> tuple:
+    """`(l2 norms, l1 norms or None)` of `weights`, fp32 (fp64 for fp64 weights), differentiable; `scratch` (a dict
+    kept by the caller) holds the buffer of the L1 pass between calls."""
+    norms = _WeightNorms.apply(with_l1, scratch, *weights)
+    return norms[0], (norms[1] if with_l1 else None)
 
 
 def _fused_norms(weights: list[torch.Tensor], order: int) -> torch.Tensor:
