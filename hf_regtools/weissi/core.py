@@ -100,7 +100,8 @@ def _parse_blocks(modules: dict, blocks) -> list[ResidualBlock]:
             branch, shortcut = entry["branch"], entry.get("shortcut")
         elif isinstance(entry, str) or not isinstance(entry, Sequence):
             raise ValueError(f"residual_blocks: each entry is a list of the branch's module names, e.g. "
-                             f"['blocks.0.fc1', 'blocks.0.fc2'], or {{'branch': [...], 'shortcut': name}}; got {entry!r}")
+                             f"['blocks.0.fc1', 'blocks.0.fc2'], or {{'branch': [...], 'shortcut': name}}; "
+                             f"got {entry!r}")
         else:
             branch, shortcut = entry, None
         branch = tuple(_check_layer(modules, name, "residual_blocks") for name in branch)
@@ -275,8 +276,9 @@ class WeissiRegularizer:
         blocks = self.structure.blocks
         if blocks:
             positions, block_of, shortcut_blocks, shortcut_positions = self._indices(norms.device)
-            log_branch = torch.zeros(len(blocks), dtype=norms.dtype, device=norms.device).index_add(0, block_of, log_norms[positions])
-            log_shortcut = torch.zeros(len(blocks), dtype=norms.dtype, device=norms.device)
+            zeros = torch.zeros(len(blocks), dtype=norms.dtype, device=norms.device)
+            log_branch = zeros.index_add(0, block_of, log_norms[positions])
+            log_shortcut = zeros
             if self._shortcuts:
                 log_shortcut = log_shortcut.index_put((shortcut_blocks,), log_norms[shortcut_positions])
             log_norm_sum = log_norm_sum + torch.logaddexp(log_shortcut, log_branch).sum()
