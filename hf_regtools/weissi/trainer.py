@@ -93,6 +93,9 @@ class WeissiTrainerMixin(LossTermTrainerMixin):
             raise ValueError("WeissiTrainerMixin needs weissi={'lambda1': ..., 'lambda2': ...} (or a WeissiConfig)")
         self.weissi_config = WeissiConfig.from_value(weissi)
         super().__init__(*args, **kwargs)
+        if getattr(self.args, "fsdp", None):
+            raise ValueError("WeissiTrainerMixin does not support FSDP: parameters are sharded, so the layer norms "
+                             "would be wrong. Train with DDP (parameters replicated).")
         config = self.weissi_config
         self.weissi_regularizer = WeissiRegularizer(
             self.model, lambda1=config.lambda1, lambda2=config.lambda2, norm=config.norm, layers=config.layers,
@@ -114,9 +117,15 @@ class WeissiTrainerMixin(LossTermTrainerMixin):
             self._warn_if_decayed(model)
         coefficient = self.weissi_coefficient()
         terms = self.weissi_regularizer.terms()
-        metrics = {f"{METRIC_PREFIX}{name}": value.item() for name, value in terms.items()}
+        metrics = {f"{METRIC_PREFIX}{name}": value.detach() for name, value in terms.items()}
         metrics[f"{METRIC_PREFIX}coefficient"] = coefficient
         return coefficient * terms["penalty"], metrics
+
+    def technique_metrics(self) -> dict[str, float]:
+        """The latest micro-batch's penalty parts as floats (kept as tensors until logged: no device sync per
+        step)."""
+        return {name: value.item() if hasattr(value, "item") else value
+                for name, value in super().technique_metrics().items()}
 
     def _warn_if_decayed(self, model) -> None:
         self._checked_decay = True
