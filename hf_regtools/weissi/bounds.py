@@ -41,7 +41,8 @@ def _logits(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 def input_gradient_norm(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None, *,
                         output: str = "logit") -> torch.Tensor:
-    """Per-example `||grad_x f(x)||_2` of `model` on a batch (parameters untouched, no parameter gradients).
+    """Per-example `||grad_x f(x)||_2` of `model` on a batch (no parameter gradients). The model runs as it is: call
+    `model.eval()` first for BatchNorm (a training-mode forward updates its running statistics) and dropout.
 
     Args:
         model (`nn.Module`): a module taking `inputs` (transformers models get `pixel_values=inputs`) and returning

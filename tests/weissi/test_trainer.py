@@ -112,3 +112,15 @@ def test_the_mixin_needs_its_settings(tmp_path):
         build_trainer(MLP, tmp_path, max_steps=1, trainer_init_kwargs={})
     with pytest.raises(TypeError, match="weissi= takes a WeissiConfig or a dict"):
         trainer_for(tmp_path, weissi=0.1)
+
+
+def test_fp16_loss_scaling_trains_with_the_penalty(tmp_path):
+    from hf_regtools.testing.harness import emulate_fp16_loss_scaling
+
+    trainer = trainer_for(tmp_path, fp16=True, max_steps=3)
+    emulate_fp16_loss_scaling(trainer)
+    before = [w.detach().clone() for w in trainer.weissi_regularizer.weights]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3 and all(torch.isfinite(torch.tensor(entry["hf_regtools/weissi/penalty"])) for entry in logs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.weissi_regularizer.weights))
