@@ -101,3 +101,32 @@ def svrg_alpha_schedule(step: int, *, alpha0: float, epochs: int, steps_per_epoc
     epoch, within = divmod(step, steps_per_epoch)
     index = min(epoch * intervals + within // snapshot_every, epochs * intervals - 1)
     return float(np.linspace(alpha0, 0, epochs * intervals)[index])
+
+
+COEFFICIENT_KINDS = ("constant", "linear", "cosine")
+
+
+def coefficient_schedule(progress: float, *, kind: str = "constant", warmup: float = 0.0) -> float:
+    """Multiplier in [0, 1] of a loss-term coefficient at training progress `progress` (`global_step / max_steps`).
+
+    A linear ramp from 0 to 1 over the first `warmup` fraction of training (none for `warmup=0`), then `"constant"`
+    (1), `"linear"` (1 down to 0 at the end) or `"cosine"` (half a cosine from 1 to 0) over the rest.
+
+    Example:
+
+    ```python
+    [coefficient_schedule(p, kind="linear", warmup=0.2) for p in (0.0, 0.1, 0.2, 0.6, 1.0)]
+    # [0.0, 0.5, 1.0, 0.5, 0.0]
+    ```
+    """
+    if kind not in COEFFICIENT_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; choose one of {COEFFICIENT_KINDS}")
+    if not 0.0 <= warmup <= 1.0:
+        raise ValueError(f"warmup is a fraction of training in [0, 1], got {warmup!r}")
+    progress = min(max(float(progress), 0.0), 1.0)
+    if progress < warmup:
+        return progress / warmup
+    if kind == "constant" or warmup >= 1.0:
+        return 1.0
+    rest = (progress - warmup) / (1.0 - warmup)
+    return 1.0 - rest if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * rest))

@@ -64,7 +64,7 @@ def step_logs(output_dir, metric):
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
     assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
-                       "weight_rescaling.py", "weight_selection.py"]
+                       "weight_rescaling.py", "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -233,6 +233,16 @@ def test_weight_rescaling_example_keeps_every_bn_preceded_filter_at_norm_r(tmp_p
         torch.testing.assert_close(weights[key].flatten(1).norm(dim=1), torch.full((weights[key].shape[0],), 0.5),
                                    atol=1e-5, rtol=0)
     assert weights["classifier.1.weight"].flatten(1).norm(dim=1).std() > 0
+
+
+def test_weissi_example_logs_the_penalty_and_measures_the_input_gradient(tmp_path, hub_env):
+    """4 steps of the MLP: the penalty's parts are logged at every step, the input gradient and the bound saved."""
+    out = tmp_path / "run"
+    run_example("weissi.py", ["--max_steps", "4", *SMOKE, "--output_dir", out], hub_env, tmp_path)
+    penalties = step_logs(out, "hf_regtools/weissi/penalty")
+    assert sorted(penalties) == [1, 2, 3, 4] and all(value > 0 for value in penalties.values())
+    results = json.loads((out / "input_gradient_results.json").read_text())
+    assert 0 < results["eval_input_gradient_norm"] and results["eval_norm_bound"] > 0
 
 
 def test_gradinit_example(tmp_path, hub_env):

@@ -1,0 +1,103 @@
+"""Benchmark: a training step with the WEISSI penalty in the loss against a plain step, in the same run.
+
+The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32), batch 32, SGD momentum 0.9, CPU (or
+`--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21 layers, 8 residual
+blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Both kinds of step run in the same process
+on the same model, interleaved in blocks (plain, WEISSI, plain, ...) so that drifts in machine load hit both alike.
+Printed: the median step time of each, their ratio (target <= 1.05x), and the penalty's forward + backward alone.
+
+    python benchmarks/weissi.py [--threads 2] [--steps 60] [--device cpu] [--norm fro] [--lambda2 1e-4]
+    python benchmarks/weissi.py --quick      # a tiny ResNet and few steps, to check the script end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
+    parser.add_argument("--block", type=int, default=5, help="steps per block of one kind")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--norm", default="fro", choices=("fro", "spectral"))
+    parser.add_argument("--lambda2", type=float, default=1e-4, help="0 skips the L1 part (one pass less)")
+    parser.add_argument("--quick", action="store_true", help="tiny ResNet, 10 steps of each kind")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from timm.models.resnet import BasicBlock, ResNet
+
+    from hf_regtools.weissi import WeissiRegularizer, weissi_param_groups
+
+    torch.manual_seed(0)
+    if args.quick:
+        model = ResNet(BasicBlock, layers=[1, 1, 1, 1], channels=(8, 16, 32, 64), stem_width=8, num_classes=10)
+        args.steps, args.block = 10, 2
+    else:
+        model = ResNet(BasicBlock, layers=[2, 2, 2, 2], num_classes=10)
+    model = model.to(args.device).train()
+    regularizer = WeissiRegularizer(model, lambda1=1e-3, lambda2=args.lambda2, norm=args.norm, bn="include")
+    optimizer = torch.optim.SGD(weissi_param_groups(model, 5e-4, regularizer=regularizer), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch, 3, 32, 32, generator=generator).to(args.device)
+    labels = torch.randint(0, 10, (args.batch,), generator=generator).to(args.device)
+
+    def step(weissi: bool) -> None:
+        loss = torch.nn.functional.cross_entropy(model(pixels), labels)
+        if weissi:
+            loss = loss + regularizer()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step(True)
+    times = {False: [], True: []}
+    while len(times[True]) < args.steps:
+        for weissi in (False, True):
+            for _ in range(args.block):
+                synchronize(args.device)
+                start = time.perf_counter()
+                step(weissi)
+                synchronize(args.device)
+                times[weissi].append(time.perf_counter() - start)
+    penalty_only = []
+    for _ in range(args.steps):
+        synchronize(args.device)
+        start = time.perf_counter()
+        regularizer().backward()
+        synchronize(args.device)
+        penalty_only.append(time.perf_counter() - start)
+    optimizer.zero_grad(set_to_none=True)
+    plain, weissi = statistics.median(times[False]), statistics.median(times[True])
+    managed = sum(weight.numel() for weight in regularizer.weights)
+    print(f"timm ResNet{'-18' if not args.quick else ' (tiny)'}, {len(regularizer.weights)} regularized layers "
+          f"({len(regularizer.structure.blocks)} residual blocks, {managed / 1e6:.1f} M weights), norm {args.norm}, "
+          f"lambda2 {args.lambda2}, batch {args.batch}, 32x32, {args.device}, {args.threads} threads, "
+          f"{args.steps} steps of each kind")
+    print(f"plain step      {plain * 1e3:8.2f} ms")
+    print(f"WEISSI step     {weissi * 1e3:8.2f} ms   ratio {weissi / plain:.3f}x (target <= 1.05x)")
+    print(f"penalty alone   {statistics.median(penalty_only) * 1e3:8.3f} ms   "
+          f"({statistics.median(penalty_only) / plain:.1%} of a plain step; forward + backward)")
+    print(json.dumps({"plain_step_s": plain, "weissi_step_s": weissi, "ratio": weissi / plain,
+                      "penalty_s": statistics.median(penalty_only), "layers": len(regularizer.weights),
+                      "norm": args.norm, "lambda2": args.lambda2}))
+
+
+if __name__ == "__main__":
+    main()
