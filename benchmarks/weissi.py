@@ -1,12 +1,13 @@
 """Benchmark: a training step with the WEISSI penalty in the loss against a plain step, in the same run.
 
-The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32), batch 32, SGD momentum 0.9, CPU (or
-`--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21 layers, 8 residual
+The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32; `--image-size` for others), batch 32,
+SGD momentum 0.9, CPU (or `--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21 layers, 8 residual
 blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Both kinds of step run in the same process
 on the same model, interleaved in blocks (plain, WEISSI, plain, ...) so that drifts in machine load hit both alike.
 Printed: the median step time of each, their ratio (target <= 1.05x), and the penalty's forward + backward alone.
 
     python benchmarks/weissi.py [--threads 2] [--steps 60] [--device cpu] [--norm fro] [--lambda2 1e-4]
+                                [--image-size 32]
     python benchmarks/weissi.py --quick      # a tiny ResNet and few steps, to check the script end to end
 """
 
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     parser.add_argument("--block", type=int, default=5, help="steps per block of one kind")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32, 
+                        help="input side (the penalty's cost does not grow with it)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--norm", default="fro", choices=("fro", "spectral"))
     parser.add_argument("--lambda2", type=float, default=1e-4, help="0 skips the L1 part (one pass less)")
@@ -54,7 +57,7 @@ def main() -> None:
     regularizer = WeissiRegularizer(model, lambda1=1e-3, lambda2=args.lambda2, norm=args.norm, bn="include")
     optimizer = torch.optim.SGD(weissi_param_groups(model, 5e-4, regularizer=regularizer), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch, 3, 32, 32, generator=generator).to(args.device)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device)
     labels = torch.randint(0, 10, (args.batch,), generator=generator).to(args.device)
 
     def step(weissi: bool) -> None:
@@ -88,7 +91,8 @@ def main() -> None:
     managed = sum(weight.numel() for weight in regularizer.weights)
     print(f"timm ResNet{'-18' if not args.quick else ' (tiny)'}, {len(regularizer.weights)} regularized layers "
           f"({len(regularizer.structure.blocks)} residual blocks, {managed / 1e6:.1f} M weights), norm {args.norm}, "
-          f"lambda2 {args.lambda2}, batch {args.batch}, 32x32, {args.device}, {args.threads} threads, "
+          f"lambda2 {args.lambda2}, batch {args.batch}, {args.image_size}x{args.image_size}, {args.device}, "
+          f"{args.threads} threads, "
           f"{args.steps} steps of each kind")
     print(f"plain step      {plain * 1e3:8.2f} ms")
     print(f"WEISSI step     {weissi * 1e3:8.2f} ms   ratio {weissi / plain:.3f}x (target <= 1.05x)")
@@ -96,7 +100,7 @@ def main() -> None:
           f"({statistics.median(penalty_only) / plain:.1%} of a plain step; forward + backward)")
     print(json.dumps({"plain_step_s": plain, "weissi_step_s": weissi, "ratio": weissi / plain,
                       "penalty_s": statistics.median(penalty_only), "layers": len(regularizer.weights),
-                      "norm": args.norm, "lambda2": args.lambda2}))
+                      "norm": args.norm, "lambda2": args.lambda2, "image_size": args.image_size}))
 
 
 if __name__ == "__main__":
