@@ -1,10 +1,11 @@
 """Benchmark: a training step with the WEISSI penalty in the loss against a plain step, in the same run.
 
-The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32; `--image-size` for others), batch 32,
-SGD momentum 0.9, CPU (or `--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21 layers, 8 residual
-blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Both kinds of step run in the same process
-on the same model, interleaved in blocks (plain, WEISSI, plain, ...) so that drifts in machine load hit both alike.
-Printed: the median step time of each, their ratio (target <= 1.05x), and the penalty's forward + backward alone.
+The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32; `--image-size` for others), batch 32, SGD
+momentum 0.9, CPU (or `--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21
+layers, 8 residual blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Both kinds of step run in
+the same process on the same model, interleaved in blocks (plain, WEISSI, plain, ...) so that drifts in machine load
+hit both alike. Printed: the median step time of each, their ratio (target <= 1.05x), and the penalty's forward +
+backward alone.
 
     python benchmarks/weissi.py [--threads 2] [--steps 60] [--device cpu] [--norm fro] [--lambda2 1e-4]
                                 [--image-size 32]
