@@ -11,6 +11,8 @@ only exempts biases and LayerNorm weights, so it decays timm's `cls_token` / `po
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import re
 from typing import TYPE_CHECKING
 
@@ -67,9 +69,12 @@ def _shallowest_with_no_weight_decay(model: torch.nn.Module) -> torch.nn.Module 
     return next((module for _, module in modules if callable(getattr(module, "no_weight_decay", None))), None)
 
 
-def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float, *,
+                              exempt: Iterable[torch.nn.Parameter] = ()) -> list[dict]:
     """Optimizer parameter groups as in the papers' code: no weight decay for 1-D parameters, biases and
-    `no_weight_decay_names(model)`; `weight_decay` for the rest. Frozen parameters are left out.
+    `no_weight_decay_names(model)`; `weight_decay` for the rest. Frozen parameters are left out. Parameters in
+    `exempt` (those a technique regularizes in place of weight decay: weight rescaling, WEISSI) join the group without
+    decay.
 
     Built on `timm.optim.param_groups_weight_decay`, which also exempts 0-D parameters (the official `len(shape) == 1`
     decays them; no supported family has one). With the Trainer, use `PaperWeightDecayMixin`, or pass the groups
@@ -95,8 +100,20 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> li
     """
     from timm.optim import param_groups_weight_decay as timm_param_groups_weight_decay
 
-    return timm_param_groups_weight_decay(model, weight_decay=weight_decay,
-                                          no_weight_decay_list=sorted(no_weight_decay_names(model)))
+    groups = timm_param_groups_weight_decay(model, weight_decay=weight_decay,
+                                            no_weight_decay_list=sorted(no_weight_decay_names(model)))
+    exempt_ids = {id(parameter) for parameter in exempt}
+    if not exempt_ids:
+        return groups
+    no_decay = next((group for group in groups if group["weight_decay"] == 0.0), None)
+    if no_decay is None:
+        no_decay = {"params": [], "weight_decay": 0.0}
+        groups.insert(0, no_decay)
+    for group in groups:
+        if group is not no_decay:
+            no_decay["params"] += [p for p in group["params"] if id(p) in exempt_ids]
+            group["params"] = [p for p in group["params"] if id(p) not in exempt_ids]
+    return [group for group in groups if group["params"] or group is no_decay]
 
 
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:

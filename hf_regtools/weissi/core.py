@@ -441,16 +441,8 @@ def weissi_param_groups(model: torch.nn.Module, weight_decay: float, *, regulari
         managed = {id(modules[name].weight) for name in structure.layers}
     else:
         managed = {id(weight) for weight in regularizer.weights}
-    groups = param_groups_weight_decay(model, weight_decay)
-    no_decay = next((group for group in groups if group["weight_decay"] == 0.0), None)
-    if no_decay is None:
-        no_decay = {"params": [], "weight_decay": 0.0}
-        groups.insert(0, no_decay)
-    for group in groups:
-        if group is not no_decay:
-            no_decay["params"] += [p for p in group["params"] if id(p) in managed]
-            group["params"] = [p for p in group["params"] if id(p) not in managed]
-    return [group for group in groups if group["params"] or group is no_decay]
+    return param_groups_weight_decay(model, weight_decay,
+                                     exempt=[p for p in model.parameters() if id(p) in managed])
 
 
 def managed_parameter_names(model: torch.nn.Module, regularizer: WeissiRegularizer) -> set[str]:
