@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batch_norm import batch_norm_double_backward_mode
 from .config import GradInitConfig
 from .optimizer import RescaleAdam
 
@@ -385,7 +386,8 @@ def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> Gra
     history, counts = [], {"constraint": 0, "objective": 0}
     needs_double_backward = config.is_nio or config.second_order or math.isfinite(config.gamma)
     with _gradinit_mode(model), torch.autocast(device.type, enabled=False), torch.enable_grad(), \
-            _attention_with_double_backward(needs_double_backward):
+            _attention_with_double_backward(needs_double_backward), \
+            batch_norm_double_backward_mode(needs_double_backward):
         bar = tqdm(range(config.iterations), desc="NIO" if config.is_nio else "GradInit", disable=not progress)
         for iteration in bar:
             batch, first = (first, None) if first is not None else (next(source), None)
