@@ -386,8 +386,7 @@ def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> Gra
     history, counts = [], {"constraint": 0, "objective": 0}
     needs_double_backward = config.is_nio or config.second_order or math.isfinite(config.gamma)
     with _gradinit_mode(model), torch.autocast(device.type, enabled=False), torch.enable_grad(), \
-            _attention_with_double_backward(needs_double_backward), \
-            batch_norm_double_backward_mode(needs_double_backward):
+            _attention_with_double_backward(needs_double_backward):
         bar = tqdm(range(config.iterations), desc="NIO" if config.is_nio else "GradInit", disable=not progress)
         for iteration in bar:
             batch, first = (first, None) if first is not None else (next(source), None)
@@ -425,8 +424,9 @@ def _scale_grads(output, params) -> list[torch.Tensor | None]:
 def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, config: GradInitConfig, loss_fn) -> dict:
     stepped_params, scaled_params = [p for _, p in stepped], [p for _, p in scaled]
     batch1 = next(source)
-    loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
     keep_graph = config.second_order or math.isfinite(config.gamma)
+    with batch_norm_double_backward_mode(keep_graph):
+        loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
     grads = _grads(loss, stepped_params, create_graph=keep_graph)
     adam = config.algorithm == "adam"
     gnorm = sum(g.abs().sum() for g in grads) if adam else sum(g.square().sum() for g in grads).sqrt()
@@ -452,7 +452,8 @@ def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, confi
 
 def _nio_iteration(model, batch, stepped, scaled, optimizer, config: GradInitConfig, loss_fn) -> dict:
     stepped_params, scaled_params = [p for _, p in stepped], [p for _, p in scaled]
-    losses = loss_fn(model, batch)
+    with batch_norm_double_backward_mode():
+        losses = loss_fn(model, batch)
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
         raise ValueError("NIO needs per-example losses: loss_fn must return a 1-D tensor with one loss per example, "
                          f"got {type(losses).__name__}"
