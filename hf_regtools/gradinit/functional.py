@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .batch_norm import batch_norm_double_backward_mode
 from .config import GradInitConfig
 from .optimizer import RescaleAdam
 
@@ -423,8 +424,9 @@ def _scale_grads(output, params) -> list[torch.Tensor | None]:
 def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, config: GradInitConfig, loss_fn) -> dict:
     stepped_params, scaled_params = [p for _, p in stepped], [p for _, p in scaled]
     batch1 = next(source)
-    loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
     keep_graph = config.second_order or math.isfinite(config.gamma)
+    with batch_norm_double_backward_mode(keep_graph):
+        loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
     grads = _grads(loss, stepped_params, create_graph=keep_graph)
     adam = config.algorithm == "adam"
     gnorm = sum(g.abs().sum() for g in grads) if adam else sum(g.square().sum() for g in grads).sqrt()
@@ -450,7 +452,8 @@ def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, confi
 
 def _nio_iteration(model, batch, stepped, scaled, optimizer, config: GradInitConfig, loss_fn) -> dict:
     stepped_params, scaled_params = [p for _, p in stepped], [p for _, p in scaled]
-    losses = loss_fn(model, batch)
+    with batch_norm_double_backward_mode():
+        losses = loss_fn(model, batch)
     if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
         raise ValueError("NIO needs per-example losses: loss_fn must return a 1-D tensor with one loss per example, "
                          f"got {type(losses).__name__}"

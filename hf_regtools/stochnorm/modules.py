@@ -75,11 +75,20 @@ class _StochNorm(nn.Module):
         if input.numel() // max(input.shape[1], 1) < 2:
             raise ValueError(f"{type(self).__name__} needs more than 1 value per channel in training mode (BatchNorm "
                              f"statistics), got an input of size {tuple(input.shape)}")
-        use_batch = torch.bernoulli(torch.full((self.num_features,), self.p, device=input.device)).bool()
-        mean, var = self._chosen_statistics(input, use_batch)
+        use_batch = torch.empty(self.num_features, dtype=torch.bool, device=input.device).bernoulli_(
+            self._probabilities(input.device))
+        with torch.no_grad():
+            mean, var = self._chosen_statistics(input, use_batch)
         return _StochNormFunction.apply(input, self.weight, self.bias, mean, var, use_batch, self.eps)
 
-    @torch.no_grad()
+    def _probabilities(self, device: torch.device) -> torch.Tensor:
+        """A `(num_features,)` tensor filled with `p` on `device`, kept between forwards while `p` is unchanged."""
+        cached = getattr(self, "_probability_cache", None)
+        if cached is None or cached[0] != self.p or cached[1].device != device:
+            cached = (self.p, torch.full((self.num_features,), self.p, device=device))
+            self._probability_cache = cached
+        return cached[1]
+
     def _chosen_statistics(self, input: torch.Tensor, use_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per channel, `(mean, biased variance)` of the chosen branch: the batch statistics where `use_batch`, the
         moving ones from before this batch elsewhere. Updates the moving statistics with BatchNorm's own kernel, as its
@@ -88,14 +97,15 @@ class _StochNorm(nn.Module):
         same_dtype = self.running_mean.dtype == compute.dtype
         running_mean = self.running_mean if same_dtype else self.running_mean.to(compute.dtype)
         running_var = self.running_var if same_dtype else self.running_var.to(compute.dtype)
-        moving_mean, moving_var = running_mean.clone(), running_var.clone()
+        moving = torch.stack([running_mean, running_var])
         self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_mean, batch_var = torch.batch_norm_update_stats(compute, running_mean, running_var, factor)
         if not same_dtype:
             self.running_mean.copy_(running_mean)
             self.running_var.copy_(running_var)
-        return torch.where(use_batch, batch_mean, moving_mean), torch.where(use_batch, batch_var, moving_var)
+        chosen = torch.where(use_batch, torch.stack([batch_mean, batch_var]), moving)
+        return chosen[0], chosen[1]
 
     @classmethod
     def from_batchnorm(cls, batch_norm: nn.Module, *, p: float = 0.5) -> _StochNorm:
@@ -125,30 +135,43 @@ class _StochNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, mean, var, use_batch, eps):
-        compute = input.float() if input.dtype in _HALF else input
-        cast = (lambda t: None if t is None else t.to(compute.dtype))  # noqa: E731
-        output = F.batch_norm(compute, mean, var, cast(weight), cast(bias), False, 0.0, eps)
+        half = input.dtype in _HALF
+        compute = input.float() if half else input
+        if half:
+            weight_c = None if weight is None else weight.float()
+            bias_c = None if bias is None else bias.float()
+        else:
+            weight_c, bias_c = weight, bias
+        output = F.batch_norm(compute, mean, var, weight_c, bias_c, False, 0.0, eps)
         ctx.save_for_backward(input, weight, mean, var, use_batch)
         ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
-        return output.to(input.dtype)
+        return output.to(input.dtype) if half else output
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         input, weight, mean, var, use_batch = ctx.saved_tensors
-        compute = input.float() if input.dtype in _HALF else input
-        grad = grad_output.to(compute.dtype)
-        gamma = torch.ones_like(mean) if weight is None else weight.to(compute.dtype)
-        invstd = torch.rsqrt(var + ctx.eps)
-        batch = use_batch.to(compute.dtype)
+        half = input.dtype in _HALF
+        compute = input.float() if half else input
+        grad = grad_output.to(compute.dtype) if half else grad_output
         needs_weight = weight is not None and ctx.needs_input_grad[1]
         needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        invstd = torch.rsqrt(var + ctx.eps)
+        if weight is None:
+            batch_weight = use_batch.to(compute.dtype)
+            moving_coefficient = torch.where(use_batch, 0.0, invstd)
+        else:
+            gamma = weight.float() if half else weight
+            batch_weight = torch.where(use_batch, gamma, 0.0)
+            moving_coefficient = torch.where(use_batch, 0.0, gamma * invstd)
         # training-mode gradient, zero on the moving-statistics channels (their weight is 0 here) ...
         grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, compute, gamma * batch, None, None, mean, invstd, True, ctx.eps, [True, needs_weight, needs_bias])
+            grad, compute, batch_weight, None, None, mean, invstd, True, ctx.eps, [True, needs_weight, needs_bias])
         # ... plus the eval-mode gradient grad * gamma * invstd on the moving-statistics channels
-        grad_input.addcmul_(grad, (gamma * (1 - batch) * invstd).view((1, -1) + (1,) * (input.dim() - 2)))
-        return (grad_input.to(input.dtype), grad_weight.to(weight.dtype) if needs_weight else None,
+        grad_input.addcmul_(grad, moving_coefficient.view((1, -1) + (1,) * (input.dim() - 2)))
+        if half:
+            grad_input = grad_input.to(input.dtype)
+        return (grad_input, grad_weight.to(weight.dtype) if needs_weight else None,
                 grad_bias.to(ctx.bias_dtype) if needs_bias else None, None, None, None, None)
 
 
