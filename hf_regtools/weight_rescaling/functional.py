@@ -366,14 +366,4 @@ def wrs_param_groups(model: torch.nn.Module, weight_decay: float,
 
     if pairs is None or not all(isinstance(pair, ScaleInvariantPair) for pair in pairs):
         pairs = find_scale_invariant_pairs(model, method=method, pairs=pairs)
-    managed = {id(parameter) for parameter in managed_parameters(pairs)}
-    groups = param_groups_weight_decay(model, weight_decay)
-    no_decay = next((group for group in groups if group["weight_decay"] == 0.0), None)
-    if no_decay is None:
-        no_decay = {"params": [], "weight_decay": 0.0}
-        groups.insert(0, no_decay)
-    for group in groups:
-        if group is not no_decay:
-            no_decay["params"] += [p for p in group["params"] if id(p) in managed]
-            group["params"] = [p for p in group["params"] if id(p) not in managed]
-    return [group for group in groups if group["params"] or group is no_decay]
+    return param_groups_weight_decay(model, weight_decay, exempt=managed_parameters(pairs))
