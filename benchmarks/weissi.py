@@ -2,10 +2,12 @@
 
 The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32; `--image-size` for others), batch 32, SGD
 momentum 0.9, CPU (or `--device cuda`). WEISSI regularizes every convolution and the classifier (`bn="include"`: 21
-layers, 8 residual blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Both kinds of step run in
-the same process on the same model, interleaved in blocks (plain, WEISSI, plain, ...) so that drifts in machine load
-hit both alike. Printed: the median step time of each, their ratio (target <= 1.05x), and the penalty's forward +
-backward alone.
+layers, 8 residual blocks, 11.2 M weights), found once before timing (`WeissiRegularizer`). Three kinds of step run in
+the same process on the same model, interleaved in blocks (plain, WEISSI, WEISSI by autograd, plain, ...) so that
+drifts in machine load hit them alike: a plain step; a WEISSI step as `WeissiTrainerMixin` takes it (the penalty's
+gradient added into `.grad` after the backward, `WeissiRegularizer.add_gradient_`); and one through autograd
+(`loss + regularizer()`, the functional route, and the mixin's with `norm="spectral"`). Printed: the median step time
+of each, the ratios to the plain step (target <= 1.05x), and the penalty alone (norms and gradient).
 
     python benchmarks/weissi.py [--threads 2] [--steps 60] [--device cpu] [--norm fro] [--lambda2 1e-4]
                                 [--image-size 32]
@@ -61,34 +63,43 @@ def main() -> None:
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device)
     labels = torch.randint(0, 10, (args.batch,), generator=generator).to(args.device)
 
-    def step(weissi: bool) -> None:
+    in_place = args.norm == "fro"
+
+    def step(kind: str) -> None:
         loss = torch.nn.functional.cross_entropy(model(pixels), labels)
-        if weissi:
+        if kind == "autograd":
             loss = loss + regularizer()
         loss.backward()
+        if kind == "in place":
+            regularizer.add_gradient_(1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step(True)
-    times = {False: [], True: []}
-    while len(times[True]) < args.steps:
-        for weissi in (False, True):
+    kinds = ("plain", "in place", "autograd") if in_place else ("plain", "autograd")
+    for kind in kinds:
+        step(kind)
+    times = {kind: [] for kind in kinds}
+    while len(times["plain"]) < args.steps:
+        for kind in kinds:
             for _ in range(args.block):
                 synchronize(args.device)
                 start = time.perf_counter()
-                step(weissi)
+                step(kind)
                 synchronize(args.device)
-                times[weissi].append(time.perf_counter() - start)
+                times[kind].append(time.perf_counter() - start)
     penalty_only = []
     for _ in range(args.steps):
         synchronize(args.device)
         start = time.perf_counter()
-        regularizer().backward()
+        if in_place:
+            regularizer.add_gradient_(1.0)
+        else:
+            regularizer().backward()
         synchronize(args.device)
         penalty_only.append(time.perf_counter() - start)
     optimizer.zero_grad(set_to_none=True)
-    plain, weissi = statistics.median(times[False]), statistics.median(times[True])
+    median = {kind: statistics.median(values) for kind, values in times.items()}
+    plain, weissi = median["plain"], median["in place" if in_place else "autograd"]
     managed = sum(weight.numel() for weight in regularizer.weights)
     print(f"timm ResNet{'-18' if not args.quick else ' (tiny)'}, {len(regularizer.weights)} regularized layers "
           f"({len(regularizer.structure.blocks)} residual blocks, {managed / 1e6:.1f} M weights), norm {args.norm}, "
@@ -96,10 +107,15 @@ def main() -> None:
           f"{args.threads} threads, "
           f"{args.steps} steps of each kind")
     print(f"plain step      {plain * 1e3:8.2f} ms")
-    print(f"WEISSI step     {weissi * 1e3:8.2f} ms   ratio {weissi / plain:.3f}x (target <= 1.05x)")
+    print(f"WEISSI step     {weissi * 1e3:8.2f} ms   ratio {weissi / plain:.3f}x (target <= 1.05x; "
+          f"{'gradient added in place, as WeissiTrainerMixin does' if in_place else 'autograd'})")
+    if in_place:
+        print(f"  by autograd   {median['autograd'] * 1e3:8.2f} ms   ratio {median['autograd'] / plain:.3f}x "
+              "(loss + regularizer(), the functional route)")
     print(f"penalty alone   {statistics.median(penalty_only) * 1e3:8.3f} ms   "
-          f"({statistics.median(penalty_only) / plain:.1%} of a plain step; forward + backward)")
+          f"({statistics.median(penalty_only) / plain:.1%} of a plain step; norms and gradient)")
     print(json.dumps({"plain_step_s": plain, "weissi_step_s": weissi, "ratio": weissi / plain,
+                      "autograd_step_s": median["autograd"],
                       "penalty_s": statistics.median(penalty_only), "layers": len(regularizer.weights),
                       "norm": args.norm, "lambda2": args.lambda2, "image_size": args.image_size}))
 

@@ -1,5 +1,5 @@
 """Helpers shared by Trainer adapters: RNG snapshots (torch CPU and CUDA, numpy, python), the optimizer inside
-wrappers."""
+wrappers, the fp16 loss scale."""
 
 from __future__ import annotations
 
@@ -29,3 +29,9 @@ def unwrap_optimizer(optimizer):
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def current_loss_scale(trainer) -> float | None:
+    """The scale of the loss (and so of the gradients before unscaling) under fp16 `GradScaler`; `None` without one."""
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None

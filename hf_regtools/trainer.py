@@ -170,6 +170,13 @@ class LossTermTrainerMixin(RegtoolsTrainerMixin):
     in fp32 outside autocast (also under bf16/fp16 mixed precision), added by `add_per_update_term`, and only in
     training mode (the evaluation loss is the model's own). The metrics of the latest training micro-batch are logged
     with the Trainer's logs; `technique_use()` (for the model card) is the subclass's.
+
+    A subclass that can add the term's gradient itself, cheaper than autograd, returns True from
+    `adds_term_gradient()` and implements `add_term_gradient_(model, scale) -> (term, metrics)`: after each training
+    micro-batch's backward it must add `scale * grad(term)` to the parameters' `.grad`, where `scale` is the
+    micro-batch's share of the optimizer step (1 / accumulation steps) times the fp16 loss scale, if any; the term's
+    value joins the returned (logged) loss with the same share. Under DDP every process adds the same gradient, after
+    the reduction of the last micro-batch or before that of the others, so the processes stay equal.
     """
 
     _loss_term_metrics: dict[str, float] | None = None
@@ -177,9 +184,30 @@ class LossTermTrainerMixin(RegtoolsTrainerMixin):
     def loss_term(self, model) -> tuple:
         raise NotImplementedError
 
+    def adds_term_gradient(self) -> bool:
+        return False
+
+    def add_term_gradient_(self, model, scale: float) -> tuple:
+        raise NotImplementedError
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not self.adds_term_gradient():
+            return loss
+        import torch
+
+        from ._trainer_utils import current_loss_scale
+
+        share = 1.0 / gradient_accumulation_steps(self)
+        with torch.autocast(loss.device.type, enabled=False):
+            term, metrics = self.add_term_gradient_(self.accelerator.unwrap_model(model),
+                                                    share * (current_loss_scale(self) or 1.0))
+        self._loss_term_metrics = dict(metrics)
+        return loss + (term.detach() * share).to(loss.device, loss.dtype)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
+        if model.training and not self.adds_term_gradient():
             import torch
 
             device_type = loss.device.type

@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
-from .._trainer_utils import rng_state, set_rng_state
+from .._trainer_utils import current_loss_scale, rng_state, set_rng_state
 from ..schedules import svrg_alpha_schedule
 from ..trainer import RegtoolsTrainerMixin
 from .config import AlphaSVRGConfig
@@ -192,7 +192,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
             optimizer.reset_snapshot_gradient()
             optimizer.alpha = self.alpha_at(step)
             self._accumulating_for, self._micro_batch = step, 0
-            self._loss_scale = self._current_loss_scale() if optimizer.alpha else None
+            self._loss_scale = current_loss_scale(self) if optimizer.alpha else None
         if optimizer.alpha == 0.0:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.alpha_svrg.mode == "cache":
@@ -343,10 +343,6 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
                                          "snapshot model has diverged")
             scale /= 2
             set_rng_state(start)
-
-    def _current_loss_scale(self) -> float | None:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
     def _epoch_batches(self, epoch: int):
         """A fresh iterator over the train data, in the order the Trainer uses for `epoch`."""

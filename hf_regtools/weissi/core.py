@@ -270,6 +270,44 @@ class WeissiRegularizer:
         else:
             norms = self.layer_norms()
             l1_norms = weight_norms(self.weights, with_l1=True, scratch=self._scratch)[1] if with_l1 else None
+        return self._terms_of_norms(norms, l1_norms)
+
+    def add_gradient_(self, scale: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
+        """Add `scale * grad R(theta)` to the managed weights' `.grad` in place (`norm="fro"` only) and return the
+        terms of `terms()`, detached.
+
+        The same gradient as `(scale * self()).backward()`, without autograd's extra gradient tensors: the norms are
+        computed without a graph, R is differentiated with respect to them only, and each weight's gradient
+        `a * W + b * sign(W)` is added into its `.grad` (one pass for the log-norm part, a sign into a reused buffer and
+        one pass for the L1 part). `WeissiTrainerMixin` calls it after each micro-batch's backward.
+        """
+        if self.norm != "fro":
+            raise ValueError(f"add_gradient_ needs norm='fro', got norm={self.norm!r}; use (scale * regularizer())"
+                             ".backward() for the spectral norm")
+        with_l1 = bool(self.lambda2)
+        with torch.no_grad():
+            norms = _fused_norms(self.weights, 2)
+            l1_norms = torch.stack([_abs_sum(weight, self._scratch, norms.dtype) for weight in self.weights]) \
+                if with_l1 else None
+        leaves = [norms.requires_grad_()] + ([l1_norms.requires_grad_()] if with_l1 else [])
+        with torch.enable_grad():
+            terms = self._terms_of_norms(norms, l1_norms)
+            grads = torch.autograd.grad(terms["penalty"], leaves)
+        with torch.no_grad():
+            radial = (grads[0] / norms.clamp_min(EPS)).mul_(scale)
+            directional = grads[1] * scale if with_l1 else None
+            for index, weight in enumerate(self.weights):
+                if weight.grad is None:
+                    weight.grad = torch.zeros_like(weight)
+                weight.grad.addcmul_(weight, radial[index].to(weight.dtype))
+                if with_l1:
+                    sign = _scratch_view(weight, self._scratch)
+                    torch.sign(weight, out=sign)
+                    weight.grad.addcmul_(sign, directional[index].to(weight.dtype))
+        return {name: value.detach() for name, value in terms.items()}
+
+    def _terms_of_norms(self, norms: torch.Tensor, l1_norms: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        with_l1 = l1_norms is not None
         norms = norms.clamp_min(EPS)
         log_norms = norms.log()
         log_norm_sum = log_norms[:self._chain].sum()
@@ -322,15 +360,20 @@ class _WeightNorms(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _abs_sum(weight: torch.Tensor, scratch: dict | None, dtype: torch.dtype) -> torch.Tensor:
-    """`||weight||_1` through a reused buffer (no allocation per call)."""
-    if scratch is None:
-        return weight.abs().sum(dtype=dtype)
+def _scratch_view(weight: torch.Tensor, scratch: dict) -> torch.Tensor:
+    """A tensor of `weight`'s shape in a buffer reused between calls (one per device and dtype)."""
     key = (weight.device, weight.dtype)
     buffer = scratch.get(key)
     if buffer is None or buffer.numel() < weight.numel():
         buffer = scratch[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-    view = buffer[:weight.numel()].view(weight.shape)
+    return buffer[:weight.numel()].view(weight.shape)
+
+
+def _abs_sum(weight: torch.Tensor, scratch: dict | None, dtype: torch.dtype) -> torch.Tensor:
+    """`||weight||_1` through a reused buffer (no allocation per call)."""
+    if scratch is None:
+        return weight.abs().sum(dtype=dtype)
+    view = _scratch_view(weight, scratch)
     torch.abs(weight, out=view)
     return view.sum(dtype=dtype)
 

@@ -116,7 +116,22 @@ class WeissiTrainerMixin(LossTermTrainerMixin):
         if not self._checked_decay:
             self._warn_if_decayed(model)
         coefficient = self.weissi_coefficient()
-        terms = self.weissi_regularizer.terms()
+        return self._term(coefficient, self.weissi_regularizer.terms())
+
+    def adds_term_gradient(self) -> bool:
+        """The Frobenius-norm penalty's gradient is added in place (`WeissiRegularizer.add_gradient_`), without a
+        second set of gradient tensors; the spectral norm and DeepSpeed (gradients not in `.grad`) go through
+        autograd."""
+        return self.weissi_regularizer.norm == "fro" and not getattr(self, "is_deepspeed_enabled", False)
+
+    def add_term_gradient_(self, model, scale: float):
+        if not self._checked_decay:
+            self._warn_if_decayed(model)
+        coefficient = self.weissi_coefficient()
+        return self._term(coefficient, self.weissi_regularizer.add_gradient_(coefficient * scale))
+
+    @staticmethod
+    def _term(coefficient: float, terms: dict) -> tuple:
         metrics = {f"{METRIC_PREFIX}{name}": value.detach() for name, value in terms.items()}
         metrics[f"{METRIC_PREFIX}coefficient"] = coefficient
         return coefficient * terms["penalty"], metrics

@@ -23,23 +23,52 @@ def batch_of(case, size=8):
     return dataset(case, size=size)[:size]
 
 
-def test_the_training_loss_gets_the_penalty_and_the_evaluation_loss_does_not(tmp_path):
-    trainer = trainer_for(tmp_path)
+def step_ready(trainer):
+    """The trainer, set up to run `training_step` outside `train()` (one micro-batch per optimizer step)."""
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.create_optimizer()
+    return trainer
+
+
+def gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_the_training_step_adds_the_penalty_and_its_gradient_and_the_evaluation_loss_does_not(tmp_path):
+    trainer = step_ready(trainer_for(tmp_path))
     model, batch = trainer.model, batch_of(MLP)
     model.train()
-    loss = trainer.compute_loss(model, dict(batch))
+    assert trainer.adds_term_gradient()  # in place (WeissiRegularizer.add_gradient_), not through autograd
+    loss = trainer.training_step(model, dict(batch))
+    got = gradients(model)
+    model.zero_grad()
     expected = model(**batch)["loss"] + WeissiRegularizer(model, **SETTINGS)()
-    torch.testing.assert_close(loss, expected)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach())
+    for name, value in gradients(model).items():
+        torch.testing.assert_close(got[name], value, atol=1e-7, rtol=1e-5)
     model.eval()
     torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), model(**batch)["loss"])
 
 
-def test_the_penalty_is_fp32_under_bf16_autocast(tmp_path):
-    trainer = trainer_for(tmp_path, bf16=True)
+def test_the_spectral_penalty_goes_through_autograd_in_compute_loss(tmp_path):
+    settings = {**SETTINGS, "norm": "spectral"}
+    trainer = trainer_for(tmp_path, weissi=settings)
+    assert not trainer.adds_term_gradient()
     model, batch = trainer.model, batch_of(MLP)
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        trainer.compute_loss(model, dict(batch))
+    state = {name: vector.clone() for name, vector in trainer.weissi_regularizer.state.items()}
+    loss = trainer.compute_loss(model, dict(batch))
+    reference = WeissiRegularizer(model, **settings)
+    reference.state = state
+    torch.testing.assert_close(loss, model(**batch)["loss"] + reference())
+
+
+def test_the_penalty_is_fp32_under_bf16_autocast(tmp_path):
+    trainer = step_ready(trainer_for(tmp_path, bf16=True))
+    model, batch = trainer.model, batch_of(MLP)
+    model.train()
+    trainer.training_step(model, dict(batch))
     exact = WeissiRegularizer(model, **SETTINGS).terms()
     for name in ("penalty", "log_norm_sum", "l1_direction"):
         assert trainer.technique_metrics()[f"hf_regtools/weissi/{name}"] == exact[name].item()
@@ -124,3 +153,22 @@ def test_fp16_loss_scaling_trains_with_the_penalty(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and all(torch.isfinite(torch.tensor(entry["hf_regtools/weissi/penalty"])) for entry in logs)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.weissi_regularizer.weights))
+
+
+def test_under_fp16_loss_scaling_the_update_is_the_fp32_one(tmp_path):
+    # the in-place gradient must carry the loss scale the Trainer's gradients carry until they are unscaled; a large
+    # lambda1 makes the penalty the bulk of the update (fp16 autocast moves a few elements of the loss's share)
+    from hf_regtools.testing.harness import emulate_fp16_loss_scaling
+
+    runs = {}
+    for precision in ("fp32", "fp16"):
+        trainer = trainer_for(tmp_path / precision, max_steps=1, max_grad_norm=0.0, learning_rate=0.1,
+                              weissi={"lambda1": 100.0, "lambda2": 1.0}, fp16=precision == "fp16")
+        start = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        if precision == "fp16":
+            emulate_fp16_loss_scaling(trainer, init_scale=2.0 ** 10)
+        trainer.train()
+        runs[precision] = {name: p.detach() - start[name] for name, p in trainer.model.named_parameters()}
+    for name, update in runs["fp32"].items():
+        difference = (runs["fp16"][name] - update).abs().mean()
+        assert difference < 0.02 * update.abs().mean(), name
