@@ -76,6 +76,17 @@ def _mixed_precision_stays_in_its_test():
         os.environ["ACCELERATE_MIXED_PRECISION"] = before
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_stay_in_their_test():
+    """A test that sets `torch.set_num_threads` (the digits reproductions run on one thread) leaves the rest of the
+    process as it was: tests comparing an in-process run with a subprocess (the CLI tests) need the same threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def hub_env():
     """Environment for subprocesses that must talk to the session's fake Hub."""
