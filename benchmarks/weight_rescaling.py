@@ -1,12 +1,12 @@
 """Benchmark: a training step with weight rescaling after it against a plain step, in the same run.
 
-The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32), batch 32, SGD momentum 0.9 without weight
-decay on the managed weights, CPU (or `--device cuda`). Both kinds of step run in the same process on the same model,
+The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32, or `--image-size`), batch 32, SGD momentum
+0.9 without weight decay on the managed weights, CPU (or `--device cuda`). Both kinds of step run in the same process on the same model,
 interleaved in blocks (plain, WRS, plain, WRS, ...) so that drifts in machine load hit both alike; the WRS step is the
 plain step followed by what `WeightRescalingCallback.on_optimizer_step` does (`rescale_weights_` on the pairs found
 once, before timing). Printed: the median step time of each, their ratio (target <= 1.05x), and the rescale alone.
 
-    python benchmarks/weight_rescaling.py [--threads 2] [--steps 60] [--device cpu]
+    python benchmarks/weight_rescaling.py [--threads 2] [--steps 60] [--image-size 32] [--device cpu]
     python benchmarks/weight_rescaling.py --quick      # a tiny ResNet and few steps, to check the script end to end
 """
 
@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     parser.add_argument("--block", type=int, default=5, help="steps per block of one kind")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32,
+                        help="input side (the rescale's cost does not grow with it; 224 is the model's native size)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="tiny ResNet, 10 steps of each kind")
     args = parser.parse_args()
@@ -52,7 +54,7 @@ def main() -> None:
     pairs = find_scale_invariant_pairs(model)
     optimizer = torch.optim.SGD(wrs_param_groups(model, 5e-4, pairs=pairs), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch, 3, 32, 32, generator=generator).to(args.device)
+    pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device)
     labels = torch.randint(0, 10, (args.batch,), generator=generator).to(args.device)
 
     def step(rescale: bool) -> None:
@@ -83,7 +85,7 @@ def main() -> None:
         rescale_only.append(time.perf_counter() - start)
     plain, wrs = statistics.median(times[False]), statistics.median(times[True])
     print(f"timm ResNet{'-18' if not args.quick else ' (tiny)'}, {len(pairs)} managed layers, batch {args.batch}, "
-          f"32x32, {args.device}, {args.threads} threads, {args.steps} steps of each kind")
+          f"{args.image_size}x{args.image_size}, {args.device}, {args.threads} threads, {args.steps} steps of each kind")
     print(f"plain step      {plain * 1e3:8.2f} ms")
     print(f"step + rescale  {wrs * 1e3:8.2f} ms   ratio {wrs / plain:.3f}x (target <= 1.05x)")
     print(f"rescale alone   {statistics.median(rescale_only) * 1e3:8.3f} ms   "
