@@ -1,10 +1,11 @@
 """Benchmark: a training step with weight rescaling after it against a plain step, in the same run.
 
 The workload: a timm ResNet-18 (10 classes) on CIFAR-size input (3x32x32, or `--image-size`), batch 32, SGD momentum
-0.9 without weight decay on the managed weights, CPU (or `--device cuda`). Both kinds of step run in the same process on the same model,
-interleaved in blocks (plain, WRS, plain, WRS, ...) so that drifts in machine load hit both alike; the WRS step is the
-plain step followed by what `WeightRescalingCallback.on_optimizer_step` does (`rescale_weights_` on the pairs found
-once, before timing). Printed: the median step time of each, their ratio (target <= 1.05x), and the rescale alone.
+0.9 without weight decay on the managed weights, CPU (or `--device cuda`). Both kinds of step run in the same process
+on the same model, interleaved in blocks (plain, WRS, plain, WRS, ...) so that drifts in machine load hit both alike;
+the WRS step is the plain step followed by what `WeightRescalingCallback.on_optimizer_step` does (`rescale_weights_`
+on the pairs found once, before timing). Printed: the median step time of each, their ratio (target <= 1.05x), and the
+rescale alone.
 
     python benchmarks/weight_rescaling.py [--threads 2] [--steps 60] [--image-size 32] [--device cpu]
     python benchmarks/weight_rescaling.py --quick      # a tiny ResNet and few steps, to check the script end to end
