@@ -48,8 +48,8 @@ class SourceStream:
         self.batches_per_cycle = self.per_process // self.batch_size
         if self.batches_per_cycle < 1:
             raise ValueError(f"the source dataset has {len(dataset)} examples, fewer than one source batch of "
-                             f"{self.batch_size} per process on {world_size} process(es); select more source data "
-                             "or lower mu")
+                             f"{self.batch_size} per process on {world_size} process(es); select more source data, "
+                             "or lower mu or the gradient accumulation steps")
         self._position = 0
         self._iterator = None
 
@@ -107,5 +107,6 @@ class SourceStream:
         for key in ("batch_size", "world_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"the saved source stream has {key}={state[key]}, this run {getattr(self, key)}: "
-                                 "resume with the same per-device batch size, mu and number of processes")
+                                 "resume with the same per-device batch size, mu, gradient accumulation steps and "
+                                 "number of processes")
         self.position = state["position"]

@@ -138,8 +138,9 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
     Args (keyword, to the Trainer's constructor):
         two_stream (`TwoStreamConfig` or `dict`): the settings; `source_dataset` is required unless `mu=0`.
 
-    Each training micro-batch joins the target batch (B = `per_device_train_batch_size`) with the next `mu * B`
-    source examples of this process (`SourceStream`, seeded from `args.seed`), in one forward of the model
+    Each training micro-batch joins the target batch (B = `per_device_train_batch_size`) with `mu * B` source examples
+    of this process (`SourceStream`, seeded from `args.seed`; one stream batch per optimizer step, split over its
+    accumulated micro-batches, so accumulation equals the whole batch), in one forward of the model
     (`TwoHeadModel`: BatchNorm statistics over the mixed batch), and the loss is `CE(target) + lambda_u *
     CE(source)` (`two_stream_loss`), scaled for gradient accumulation as the Trainer scales its own loss. The target
     loader sets the epoch (`drop_last=True` by default, as the official code); the source stream cycles and its
@@ -185,6 +186,7 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
                              "set fixmatch=True for the variant without source labels")
         self._source_stream: SourceStream | None = None
         self._resume_position: int | None = None
+        self._step_source: list | None = None
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_count = 0
         self._logged_metrics: dict[str, float] = {}
@@ -201,14 +203,16 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
         return int(round(size))
 
     def source_stream(self) -> SourceStream | None:
-        """This process's `SourceStream` (built on first use; `None` with `mu=0`)."""
+        """This process's `SourceStream` (built on first use; `None` with `mu=0`). One stream batch serves one
+        optimizer step: `mu * B * gradient_accumulation_steps` examples, split over the step's micro-batches."""
         config = self.two_stream_config
         if self._source_stream is None and config.mu > 0:
             collate = self.data_collator
             if config.fixmatch:
                 collate = _WithStrongView(collate, config.strong_transform)
             self._source_stream = SourceStream(
-                config.source_dataset, self.source_batch_size(), seed=self.args.seed,
+                config.source_dataset, self.source_batch_size() * self.args.gradient_accumulation_steps,
+                seed=self.args.seed,
                 rank=self.args.process_index, world_size=self.args.world_size, collate_fn=collate,
                 num_workers=config.source_num_workers)
         return self._source_stream
@@ -230,13 +234,24 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
         return loader
 
     def _next_source_batch(self, device) -> dict | None:
+        """The source examples of this micro-batch: slice `i` of the optimizer step's stream batch (drawn at the
+        step's first micro-batch), so that accumulating `k` micro-batches of `B` reads the source examples of one
+        batch of `k * B`."""
         stream = self.source_stream()
         if stream is None:
             return None
         if self._resume_position is not None:
             stream.position, self._resume_position = self._resume_position, None
-        batch = stream.next_batch()
-        return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+            self._step_source = None
+        accumulation = self.args.gradient_accumulation_steps
+        if self._step_source is None or self._step_source[0] != self.state.global_step or \
+                self._step_source[1] == accumulation:
+            batch = stream.next_batch()
+            self._step_source = [self.state.global_step, 0, {
+                key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}]
+        chunk, size = self._step_source[1], self.source_batch_size()
+        self._step_source[1] += 1
+        return {key: value[chunk * size:(chunk + 1) * size] for key, value in self._step_source[2].items()}
 
     # loss -------------------------------------------------------------------------------------------------------
 
