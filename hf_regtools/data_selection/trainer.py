@@ -150,6 +150,10 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
     log, over processes). Evaluation runs the target head alone; `save_model` / `push_to_hub` write the target
     classifier (see `TwoHeadModel.save_pretrained`) and a card with the selection and `base_model`.
 
+    With `mu=0` (target only) or `fixmatch=True` the source head of a `TwoHeadModel` takes no part in the loss: it is
+    frozen (`requires_grad=False`) when the Trainer is built, so it is neither in the optimizer nor in DDP's gradient
+    reduction (no unused-parameter error with `ddp_find_unused_parameters=False`).
+
     With `fixmatch=True` the source labels are unused: the model (a plain classifier, or a `TwoHeadModel` whose
     target head is used) sees target, weak and strong source views in one forward, and the source term is
     `fixmatch_loss(strong, weak, threshold, temperature)`; `hf_regtools/data_selection/mask_rate` is logged too.
@@ -184,6 +188,8 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
             raise ValueError(f"{type(self.model).__name__}.forward takes no source_pixel_values: wrap the classifier "
                              "as TwoHeadModel(model, n_target=..., n_source=...) for the supervised two-head loss, or "
                              "set fixmatch=True for the variant without source labels")
+        if isinstance(self.model, TwoHeadModel) and (config.mu == 0 or config.fixmatch):
+            self.model.source_head.requires_grad_(False)
         self._source_stream: SourceStream | None = None
         self._resume_position: int | None = None
         self._step_source: list | None = None
