@@ -8,6 +8,7 @@ through the model in one forward and trains on `CE(target) + lambda_u * CE(sourc
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from .two_head import TwoHeadModel, fixmatch_loss, logits_of, two_stream_loss, w
 
 METRIC_PREFIX = "hf_regtools/data_selection/"
 STATE_FILE = "data_selection_state.json"
+TRAINING_ARGS_FILE = "training_args.bin"
 STRONG_KEY = "strong_pixel_values"
 
 
@@ -414,6 +416,8 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
             super().save_model(output_dir, _internal_call=_internal_call)
             stream = self._source_stream
             if self.args.should_save:
+                if os.path.isfile(os.path.join(output_dir, TRAINING_ARGS_FILE)):
+                    self._save_training_args(output_dir)
                 state = {"source_stream": stream.state_dict() if stream is not None else None,
                          "settings": self.two_stream_config.settings()}
                 with open(os.path.join(output_dir, STATE_FILE), "w") as file:
@@ -427,7 +431,14 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
                                   base_model=self.two_stream_config.base_model)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            self._save_training_args(output_dir)
+
+    def _save_training_args(self, output_dir: str) -> None:
+        """`training_args.bin` without `hub_token` (the Trainer pickles the arguments with it; `push_to_hub` uploads
+        the file)."""
+        args = copy.copy(self.args)
+        args.hub_token = None
+        torch.save(args, os.path.join(output_dir, TRAINING_ARGS_FILE))
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)
