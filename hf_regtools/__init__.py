@@ -24,7 +24,8 @@ _EXPORTS = {
     "hf_regtools.adapters": ("StudentShape", "UnsupportedModelError", "detect_family", "find_supported_model",
                              "save_model"),
     "hf_regtools.checkpoint": ("CheckpointError", "CheckpointReader"),
-    "hf_regtools.schedules": ("coefficient_schedule", "drop_schedule", "drop_schedule_array", "svrg_alpha_schedule"),
+    "hf_regtools.schedules": ("MultiStepLRLambda", "coefficient_schedule", "drop_schedule", "drop_schedule_array",
+                              "multistep_lr_factor", "svrg_alpha_schedule"),
     "hf_regtools.surgery": ("replace_modules",),
     "hf_regtools.optim": ("AGD", "AGDMetricsCallback", "PaperWeightDecayMixin", "agd_init_", "decay_parameter_names",
                           "no_weight_decay_names", "param_groups_weight_decay"),
@@ -55,7 +56,8 @@ if TYPE_CHECKING:
                       resolve_model)
     from .optim import (AGD, AGDMetricsCallback, PaperWeightDecayMixin, agd_init_, decay_parameter_names,
                         no_weight_decay_names, param_groups_weight_decay)
-    from .schedules import coefficient_schedule, drop_schedule, drop_schedule_array, svrg_alpha_schedule
+    from .schedules import (MultiStepLRLambda, coefficient_schedule, drop_schedule, drop_schedule_array,
+                            multistep_lr_factor, svrg_alpha_schedule)
     from .surgery import replace_modules
     from .trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback
 

@@ -130,3 +130,39 @@ def coefficient_schedule(progress: float, *, kind: str = "constant", warmup: flo
         return 1.0
     rest = (progress - warmup) / (1.0 - warmup)
     return 1.0 - rest if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+def multistep_lr_factor(epoch: float, *, milestones: tuple[int, ...] = (60, 80), gamma: float = 0.1) -> float:
+    """Learning-rate multiplier `gamma ** (number of milestones <= floor(epoch))`: a step decay at epoch boundaries.
+
+    The two-head fine-tuning scripts of Liu et al. (NeurIPS 2022) use `x0.1` at epochs 60 and 80 of 100
+    (`adjust_learning_rate`); here the epoch comes from the Trainer's step counter, so a single-process run decays too
+    (the official code only counts epochs under `world_size > 1`).
+
+    Example:
+
+    ```python
+    [multistep_lr_factor(e) for e in (0, 59.9, 60, 79, 80, 99)]
+    # [1.0, 1.0, 0.1, 0.1, 0.01, 0.01] (up to rounding)
+    ```
+    """
+    if not 0.0 < gamma:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if list(milestones) != sorted(milestones) or any(m < 0 for m in milestones):
+        raise ValueError(f"milestones must be non-negative epochs in increasing order, got {list(milestones)}")
+    reached = sum(1 for milestone in milestones if math.floor(epoch) >= milestone)
+    return float(gamma ** reached)
+
+
+class MultiStepLRLambda:
+    """`multistep_lr_factor` of the epoch at optimizer step `step` (`step // steps_per_epoch`), for
+    `torch.optim.lr_scheduler.LambdaLR`; a callable object, so the scheduler's `state_dict` keeps its settings."""
+
+    def __init__(self, steps_per_epoch: int, milestones: tuple[int, ...] = (60, 80), gamma: float = 0.1):
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
+        multistep_lr_factor(0, milestones=milestones, gamma=gamma)
+        self.steps_per_epoch, self.milestones, self.gamma = int(steps_per_epoch), list(milestones), float(gamma)
+
+    def __call__(self, step: int) -> float:
+        return multistep_lr_factor(step // self.steps_per_epoch, milestones=self.milestones, gamma=self.gamma)

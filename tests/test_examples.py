@@ -63,7 +63,7 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
+    assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
                        "weight_rescaling.py", "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
@@ -272,3 +272,14 @@ def test_nested_dropout_example_trains_and_pushes_a_sub_network(tmp_path, fake_h
 
     subnet = load_subnet(subnet_repo, VGGClassifier(config=(16, "M", 32, 32), hidden=32, num_labels=10, channels=1))
     assert subnet.nested_subnet_info.rho == 0.5 and subnet(torch.zeros(2, 1, 8, 8))["logits"].shape == (2, 10)
+
+
+def test_data_selection_example_prints_the_table(tmp_path, hub_env):
+    out = tmp_path / "run"
+    proc = run_example("data_selection.py", ["--seeds", "0", "--steps", "4", "--pretrain_steps", "4",
+                                             "--output_dir", out], hub_env, tmp_path)
+    methods = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ") and "0." in line]
+    assert methods == ["| target only", "| UOT-selected", "| random classes"]
+    results = json.loads((out / "data_selection_results.json").read_text())["results"]
+    assert [row["method"] for row in results] == ["target only", "UOT-selected", "random classes"]
+    assert 0 <= results[1]["close_fraction"] <= 1 and results[0]["close_fraction"] is None
