@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--label-column", help=f"the target's label column (default: one of {', '.join(LABEL_COLUMNS)}, "
                                              "else the only ClassLabel feature)")
     data.add_argument("--source-label-column", help="the source's label column (default: as for the target)")
-    data.add_argument("--target-split", default="train", help="split of the target (default: train)")
-    data.add_argument("--source-split", default="train", help="split of the source (default: train)")
+    data.add_argument("--target-split", help="split of the target (default: train)")
+    data.add_argument("--source-split", help="split of the source (default: train)")
     data.add_argument("--streaming", action="store_true",
                       help="stream the source (and a Hub target) instead of downloading it whole")
     data.add_argument("--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE,
@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def load_split(reference: str, *, split: str, streaming: bool, option: str):
+def load_split(reference: str, *, split: str | None, streaming: bool, option: str):
     """Load one split of `reference` (saved dataset, image folder or Hub id); returns `(dataset, description)`.
 
     Raises:
@@ -107,17 +107,20 @@ def load_split(reference: str, *, split: str, streaming: bool, option: str):
             raise SelectDataError(f"{option} {reference}: cannot load the saved dataset ({_first_line(error)})") \
                 from error
         if isinstance(loaded, datasets.DatasetDict):
+            split = split or "train"
             if split not in loaded:
                 raise SelectDataError(f"{option} {reference} has no split {split!r}; choose {option}-split among "
                                       f"{', '.join(loaded)}")
             loaded = loaded[split]
+        elif split is not None and split != str(loaded.split):
+            raise SelectDataError(f"{option} {reference} is a single saved Dataset; drop {option}-split {split}")
         return (loaded.to_iterable_dataset() if streaming else loaded), f"{reference}"
     text = str(reference)
     if not path.is_dir() and (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1):
         raise SelectDataError(f"{option} {reference}: no such folder ({path.absolute()})")
     args, kwargs = (("imagefolder",), {"data_dir": str(path)}) if path.is_dir() else ((text,), {})
     try:
-        dataset = datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs)
+        dataset = datasets.load_dataset(*args, split=split or "train", streaming=streaming, **kwargs)
     except ValueError as error:
         hint = f"; choose another {option}-split" if "split" in str(error).lower() else ""
         raise SelectDataError(f"{option} {reference}: cannot load it ({_first_line(error)}){hint}") from error
