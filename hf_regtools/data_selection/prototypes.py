@@ -115,7 +115,7 @@ class Backbone:
 
             self._model = backbone
             self.name = describe_model(backbone)
-            self.identity = f"module:{type(backbone).__qualname__}:{state_dict_hash(backbone)}"
+            self._identity = None
             self.library = _library_of_module(backbone)
             self.reference = None
             self.on_hub = False
@@ -129,11 +129,17 @@ class Backbone:
         self.on_hub = resolved.repo_id is not None
         if self.on_hub:
             self.name = resolved.repo_id
-            self.identity = f"hub:{resolved.repo_id}@{resolved.revision}"
+            self._identity = f"hub:{resolved.repo_id}@{resolved.revision}"
         else:
             self.folder = resolved.folder
             self.name = str(backbone)
-            self.identity = f"folder:{_folder_hash(resolved.folder)}"
+            self._identity = f"folder:{_folder_hash(resolved.folder)}"
+
+    @property
+    def identity(self) -> str:
+        if self._identity is None:
+            self._identity = f"module:{type(self._model).__qualname__}:{state_dict_hash(self._model)}"
+        return self._identity
 
     @property
     def loaded(self) -> bool:
@@ -441,6 +447,43 @@ class _Collate:
         return pixels, torch.tensor(labels, dtype=torch.int64)
 
 
+class _ColumnBatches:
+    """Batches of an array column read from Arrow slices (no per-row conversion), for preprocessed pixel values."""
+
+    def __init__(self, dataset, batch_size: int, image_column: str, label_column: str):
+        self.dataset, self.batch_size = dataset.with_format("arrow"), batch_size
+        self.image_column, self.label_column = image_column, label_column
+
+    def __iter__(self):
+        for table in self.dataset.iter(batch_size=self.batch_size):
+            labels = table.column(self.label_column).to_pylist()
+            pixels = _arrow_tensor(table.column(self.image_column), len(labels))
+            yield pixels, torch.tensor([-1 if value is None else int(value) for value in labels], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+
+def _arrow_tensor(column, rows: int) -> torch.Tensor:
+    """A `(rows, *shape)` tensor of an Arrow column of equally shaped nested lists (or a datasets ArrayND column)."""
+    import numpy as np
+    import pyarrow as pa
+
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column.type, pa.ExtensionType):
+        return torch.from_numpy(np.array(column.to_numpy(zero_copy_only=False)))
+    shape = np.asarray(column[0].as_py()).shape
+    values = column
+    while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
+            pa.types.is_fixed_size_list(values.type):
+        values = values.flatten()
+    flat = values.to_numpy(zero_copy_only=False)
+    if flat.size != rows * math.prod(shape):
+        raise ValueError(f"the rows of the input column have different shapes (the first is {shape}); pass transform= "
+                         "that gives tensors of one shape")
+    return torch.from_numpy(np.array(flat.reshape(rows, *shape)))
+
+
 class Extraction:
     """The class-prototype computation of one dataset under one backbone: its cache entry, a one-example probe of
     the feature width, and the streamed run. `class_prototypes` is `Extraction(...).prototypes()`;
@@ -560,11 +603,7 @@ class Extraction:
             from datasets.distributed import split_dataset_by_node
 
             dataset = split_dataset_by_node(dataset, rank=state.process_index, world_size=state.num_processes)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
-                                             num_workers=self.num_workers,
-                                             collate_fn=_Collate(self.view.image_column, self.view.label_column,
-                                                                 transform),
-                                             pin_memory=device.type == "cuda")
+        loader = self._batches(dataset, transform, pin_memory=device.type == "cuda")
         total = _num_batches(dataset, self.batch_size)
         known = self.view.num_classes
         accumulate = torch.float32 if device.type == "mps" else torch.float64
@@ -620,6 +659,19 @@ class Extraction:
         labels = [labels[i] for i in present]
         names = [self.view.label_names[label] for label in labels] if self.view.label_names is not None else None
         return ClassPrototypes(prototypes, labels, counts.tolist(), names)
+
+    def _batches(self, dataset, transform, *, pin_memory: bool):
+        """`(pixels, labels)` batches: array columns without a transform are read column-wise (`Dataset.iter`, one
+        Arrow slice per batch); images and transforms go through a DataLoader (with `num_workers`)."""
+        import datasets
+
+        if transform is None and not self.view.is_image and self.num_workers == 0 and isinstance(
+                dataset, (datasets.Dataset, datasets.IterableDataset)):
+            return _ColumnBatches(dataset, self.batch_size, self.view.image_column, self.view.label_column)
+        return torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False,
+                                           num_workers=self.num_workers, pin_memory=pin_memory,
+                                           collate_fn=_Collate(self.view.image_column, self.view.label_column,
+                                                               transform))
 
     def _reduce(self, labels, sums, counts, width, device, accumulate):
         """Sum the per-rank sums and counts over the ranks, on the union of their labels."""
