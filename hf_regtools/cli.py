@@ -4,6 +4,7 @@
 hf-regtools list                               # registered techniques and their Trainer classes
 hf-regtools select TEACHER --student vit-tiny --output DIR [--push-to-hub ORG/NAME]
 hf-regtools gradinit MODEL --data DATA --output DIR [--iterations 100 ...] [--push-to-hub ORG/NAME]
+hf-regtools select-data --target T --source S --backbone MODEL --num-classes N --output DIR [--push-to-hub ORG/NAME]
 hf-regtools demo                               # the offline digits demo
 ```
 
@@ -54,6 +55,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, config_class) -> Non
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
     from .adapters import PRESETS
+    from .data_selection.command import add_arguments as add_select_data_arguments
     from .gradinit.command import add_arguments as add_gradinit_arguments
     from .weight_selection.config import WeightSelectionConfig
 
@@ -96,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
                     "the scales and a model card. Image models (transformers, timm) and text models (transformers "
                     "sequence classification) get a head of the data's classes.")
     add_gradinit_arguments(gradinit)
+
+    select_data = commands.add_parser(
+        "select-data", help="select the pre-training classes closest to a target task by unbalanced OT",
+        description="Pre-training data selection (Liu et al., NeurIPS 2022): class prototypes of the target and the "
+                    "source under a pretrained backbone, entropic unbalanced optimal transport between them, and "
+                    "every source example of the N classes that receive the most mass; saved with save_to_disk, "
+                    "with report.json, report.png and a dataset card.")
+    add_select_data_arguments(select_data)
 
     demo = commands.add_parser(
         "demo", help="weight selection on scikit-learn digits, next to random init",
@@ -143,6 +153,10 @@ def _run(args: argparse.Namespace) -> int:
         from .gradinit.command import main as gradinit_main
 
         return gradinit_main(args, output_exists=_output_exists)
+    if args.command == "select-data":
+        from .data_selection.command import main as select_data_main
+
+        return select_data_main(args, output_exists=_output_exists)
     from ._demo import run_demo
 
     run_demo(teacher=args.teacher, student=args.student, output_dir=args.output_dir, steps=args.steps, seed=args.seed)
@@ -172,7 +186,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     have been raised, so they are not imported for this)."""
     ours = {"hf_regtools.adapters": "UnsupportedModelError", "hf_regtools.checkpoint": "CheckpointError",
             "hf_regtools.hub": "HubError", "hf_regtools.weight_selection.functional": "WeightSelectionError",
-            "hf_regtools.gradinit.command": "GradInitCommandError"}
+            "hf_regtools.gradinit.command": "GradInitCommandError",
+            "hf_regtools.data_selection.command": "SelectDataError"}
     loaded = tuple(getattr(sys.modules[module], name) for module, name in ours.items() if module in sys.modules)
     return (CLIError, ValueError, OSError, *loaded)
 
@@ -219,10 +234,11 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def save_and_push(result, output, args: argparse.Namespace, *, push_id: str | None, summary: str,
-                  commit_message: str) -> int:
+                  commit_message: str, repo_type: str | None = None) -> int:
     """Save a command's `result` (`result.save(output, overwrite=, repo_id=)`) into the checked `output`, print
-    `summary`, and push the folder to `push_id` (checked beforehand with `hub.push_target`) when given. A failed push
-    says that the local output is complete and how to push it again."""
+    `summary`, and push the folder to `push_id` (checked beforehand with `hub.push_target`) when given, as a
+    `repo_type` repo (default: a model). A failed push says that the local output is complete and how to push it
+    again."""
     from .hub import HubError, push_folder
 
     try:
@@ -233,10 +249,12 @@ def save_and_push(result, output, args: argparse.Namespace, *, push_id: str | No
     print(f"saved to {output}")
     if push_id:
         try:
-            sha = push_folder(output, push_id, private=args.private or None, commit_message=commit_message)
+            sha = push_folder(output, push_id, private=args.private or None, commit_message=commit_message,
+                              repo_type=repo_type)
         except HubError as error:
+            kind = f" --repo-type {repo_type}" if repo_type else ""
             raise HubError(f"{error}. The local output in {output} is complete and intact; push it again later "
-                           f"with `hf upload {push_id} {output}`") from error
+                           f"with `hf upload{kind} {push_id} {output}`") from error
         print(f"pushed to {push_id} (commit {sha})")
     return 0
 

@@ -334,8 +334,11 @@ def push_target(repo_id: str, *, token: str | None = None) -> str:
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                commit_message: str = "Upload with hf_regtools", revision: str | None = None) -> str:
+                commit_message: str = "Upload with hf_regtools", revision: str | None = None,
+                repo_type: str | None = None) -> str:
     """Create `repo_id` if needed and upload `folder` as one commit; returns the commit sha.
+
+    `repo_type` is `huggingface_hub`'s: `None` (a model repo), `"dataset"` or `"space"`.
 
     A bare `name` goes to the token owner's namespace (see `push_target`). The token defaults to the usual HF
     environment / login; it is never printed or stored by us.
@@ -347,9 +350,9 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
         repo_id = push_target(repo_id, token=token)
     api = HfApi(endpoint=huggingface_hub.constants.ENDPOINT, token=token)
     with hub_errors("cannot push to", repo_id, write=True):
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                   commit_message=commit_message)
+                                   commit_message=commit_message, repo_type=repo_type)
     return commit.oid
 
 
