@@ -108,6 +108,20 @@ def _config_for_model_card(model):
         del model.config
 
 
+TRAINING_ARGS_FILE = "training_args.bin"
+
+
+def save_training_args(args, folder: str | os.PathLike) -> None:
+    """Write `args` as the Trainer does (`training_args.bin`), without `hub_token`."""
+    import copy
+
+    import torch
+
+    args = copy.copy(args)
+    args.hub_token = None
+    torch.save(args, Path(folder) / TRAINING_ARGS_FILE)
+
+
 class RegtoolsTrainerMixin:
     """Mixin for `transformers.Trainer` subclasses; see the module docstring."""
 
@@ -126,12 +140,18 @@ class RegtoolsTrainerMixin:
         super().log({**logs, **self.technique_metrics()}, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's `save_model`; checkpoints are written in the model's own key layout, and `training_args.bin`
+        never holds `hub_token` (the Trainer pickles the arguments, and `push_to_hub` uploads the file)."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         if not (_internal_call and output_dir is not None and Path(output_dir).name.startswith(PREFIX_CHECKPOINT_DIR)):
-            return super().save_model(output_dir, _internal_call=_internal_call)
-        with checkpoints_in_model_layout(self.model):
-            return super().save_model(output_dir, _internal_call=_internal_call)
+            super().save_model(output_dir, _internal_call=_internal_call)
+        else:
+            with checkpoints_in_model_layout(self.model):
+                super().save_model(output_dir, _internal_call=_internal_call)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        if self.args.hub_token and self.args.should_save and (folder / TRAINING_ARGS_FILE).is_file():
+            save_training_args(self.args, folder)
 
     def technique_uses(self) -> list:
         """The hf_regtools techniques of this run (from callbacks and Trainer mixins) with their settings."""

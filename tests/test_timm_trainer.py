@@ -1,4 +1,5 @@
-"""The README recipe "timm models with the Trainer", end to end: train, resume from a checkpoint, push to the Hub.
+"""The README recipe "timm models with the Trainer", end to end: train, resume from a checkpoint, push to the Hub
+(the `hub_token` written nowhere: not even in the pickled `training_args.bin` that checkpoints and pushes carry).
 
 Both ways a timm model reaches a `Trainer`: transformers' `TimmWrapperForImageClassification`, and a small user module
 returning `{"loss", "logits"}`; the fake Hub (`fake_hub`) stands in for huggingface.co.
@@ -44,7 +45,8 @@ def train(output_dir, build, callback, name, *, resume_from=None, **args):
 @pytest.mark.parametrize("name, build, callback", RECIPES.values(), ids=list(RECIPES))
 def test_train_resume_and_push_a_timm_model(name, build, callback, tmp_path, fake_hub):
     repo_id = f"org/timm-{uuid.uuid4().hex[:8]}"
-    full = train(tmp_path / "full", build, callback, name, hub_model_id=repo_id)
+    secret = "hf_SECRETtoken" + uuid.uuid4().hex
+    full = train(tmp_path / "full", build, callback, name, hub_model_id=repo_id, hub_token=secret)
     resumed = train(tmp_path / "resumed", build, callback, name, resume_from=str(tmp_path / "full" / "checkpoint-2"))
     for (key, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), key
@@ -59,6 +61,9 @@ def test_train_resume_and_push_a_timm_model(name, build, callback, tmp_path, fak
     assert all(id(full.model.get_parameter(key)) in no_decay for key in kept)
 
     full.push_to_hub()
+    written = b"".join(path.read_bytes() for path in (tmp_path / "full").rglob("*") if path.is_file())
+    assert (tmp_path / "full" / "checkpoint-2" / "training_args.bin").is_file()
+    assert secret.encode() not in written and secret.encode() not in b"".join(fake_hub.files(repo_id).values())
     card = ModelCard.load(repo_id)
     assert {"hf-regtools", "dropout-schedules"} <= set(card.data.tags)
     assert f"| `callback` | `{type(callback()).__name__}` |" in card.text

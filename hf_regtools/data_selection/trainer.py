@@ -8,7 +8,6 @@ through the model in one forward and trains on `CE(target) + lambda_u * CE(sourc
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -21,13 +20,12 @@ import torch
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
 from ..schedules import MultiStepLRLambda
-from ..trainer import RegtoolsTrainerMixin
+from ..trainer import RegtoolsTrainerMixin, save_training_args
 from .streams import SourceStream
 from .two_head import TwoHeadModel, fixmatch_loss, logits_of, two_stream_loss, write_selection_card
 
 METRIC_PREFIX = "hf_regtools/data_selection/"
 STATE_FILE = "data_selection_state.json"
-TRAINING_ARGS_FILE = "training_args.bin"
 STRONG_KEY = "strong_pixel_values"
 
 
@@ -416,8 +414,6 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
             super().save_model(output_dir, _internal_call=_internal_call)
             stream = self._source_stream
             if self.args.should_save:
-                if os.path.isfile(os.path.join(output_dir, TRAINING_ARGS_FILE)):
-                    self._save_training_args(output_dir)
                 state = {"source_stream": stream.state_dict() if stream is not None else None,
                          "settings": self.two_stream_config.settings()}
                 with open(os.path.join(output_dir, STATE_FILE), "w") as file:
@@ -431,14 +427,8 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
                                   base_model=self.two_stream_config.base_model)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            self._save_training_args(output_dir)
+            save_training_args(self.args, output_dir)
 
-    def _save_training_args(self, output_dir: str) -> None:
-        """`training_args.bin` without `hub_token` (the Trainer pickles the arguments with it; `push_to_hub` uploads
-        the file)."""
-        args = copy.copy(self.args)
-        args.hub_token = None
-        torch.save(args, os.path.join(output_dir, TRAINING_ARGS_FILE))
 
     def create_model_card(self, *args, **kwargs) -> None:
         super().create_model_card(*args, **kwargs)
