@@ -1,1 +1,1 @@
-"""Pre-training data selection by unbalanced optimal transport, with two-head fine-tuning (placeholder; see README.md)."""
+"""Pre-training data selection by unbalanced optimal transport, with two-head fine-tuning (placeholder)."""

@@ -242,8 +242,8 @@ def select_pretraining_subset(source_dataset, class_ids: Sequence[int], label_co
     if isinstance(feature, datasets.ClassLabel):
         outside = [i for i in selected if not 0 <= i < feature.num_classes]
         if outside:
-            raise ValueError(f"class_ids {outside[:10]} are outside the {feature.num_classes} classes of the ClassLabel "
-                             f"column {label_column!r}")
+            raise ValueError(f"class_ids {outside[:10]} are outside the {feature.num_classes} classes of the "
+                             f"ClassLabel column {label_column!r}")
 
     if isinstance(source_dataset, datasets.Dataset):
         subset = source_dataset.filter(_keep_rows, batched=True, input_columns=label_column,

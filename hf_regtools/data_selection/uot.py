@@ -140,7 +140,7 @@ def _marginal(weights, size: int, name: str) -> np.ndarray:
 
 def sinkhorn_unbalanced(a, b, M, *, reg: float = 1.0, reg_m=(1.0, 100.0), max_iter: int = 1000,
                         tol: float = 1e-6) -> np.ndarray:
-    """The entropic unbalanced OT plan, solved by POT's generalised Sinkhorn (`ot.unbalanced.sinkhorn_knopp_unbalanced`).
+    """The entropic unbalanced OT plan by POT's generalised Sinkhorn (`ot.unbalanced.sinkhorn_knopp_unbalanced`).
 
     The update rule is that of the paper's code: `K = exp(-M / reg)`, `u = (a / K v) ** (tau_s / (tau_s + reg))`,
     `v = (b / K^T u) ** (tau_t / (tau_t + reg))`, until the mean relative sup-change of `(u, v)` is below `tol` or after

@@ -58,7 +58,7 @@ def test_report_errors(tmp_path):
         report(settings={"model": object()})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"source": "x", "extra": 1}))
-    with pytest.raises(ValueError, match=r"not a selection report: missing keys \['backbone'.*unknown keys \['extra'\]"):
+    with pytest.raises(ValueError, match=r"not a selection report: missing keys \['backbone'.*unknown keys \['extra'"):
         SelectionReport.from_json(bad)
 
 
