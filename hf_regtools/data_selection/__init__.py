@@ -12,12 +12,13 @@ from .._lazy import lazy_exports
 _LAZY = {
     "ClassPrototypes": ".prototypes",
     "DataSelection": ".selection",
-    "SelectionReport": ".report",
+    "DataSelectionReport": ".report",
     "SourceStream": ".streams",
     "TwoHeadModel": ".two_head",
     "TwoStreamConfig": ".trainer",
     "TwoStreamTrainerMixin": ".trainer",
     "UOTSelection": ".uot",
+    "class_label_names": ".report",
     "class_prototypes": ".prototypes",
     "fixmatch_loss": ".two_head",
     "prototype_cost": ".uot",
@@ -33,7 +34,7 @@ __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
     from .prototypes import ClassPrototypes, class_prototypes
-    from .report import SelectionReport, select_pretraining_subset
+    from .report import DataSelectionReport, class_label_names, select_pretraining_subset
     from .selection import DataSelection, select_pretraining_data
     from .streams import SourceStream
     from .trainer import TwoStreamConfig, TwoStreamTrainerMixin

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SelectionReport", "class_label_names", "select_pretraining_subset"]
+__all__ = ["DataSelectionReport", "class_label_names", "select_pretraining_subset"]
 
 
 @dataclass
-class SelectionReport:
+class DataSelectionReport:
     """What was selected, from what, and how.
 
     Attributes:
@@ -48,12 +48,12 @@ class SelectionReport:
         self.class_ids = [_label_value(i, "class_ids") for i in self.class_ids]
         self.weights = [float(w) for w in self.weights]
         if len(self.weights) != len(self.class_ids):
-            raise ValueError(f"SelectionReport: {len(self.class_ids)} class_ids but {len(self.weights)} weights; give "
+            raise ValueError(f"DataSelectionReport: {len(self.class_ids)} class_ids but {len(self.weights)} weights; give "
                              "one weight per class")
         if self.class_names is not None:
             self.class_names = [str(name) for name in self.class_names]
             if len(self.class_names) != len(self.class_ids):
-                raise ValueError(f"SelectionReport: {len(self.class_ids)} class_ids but {len(self.class_names)} "
+                raise ValueError(f"DataSelectionReport: {len(self.class_ids)} class_ids but {len(self.class_names)} "
                                  "class_names; give one name per class or None")
         self.target_marginal_error = float(self.target_marginal_error)
         self.num_examples = int(self.num_examples)
@@ -79,7 +79,7 @@ class SelectionReport:
         return path
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> SelectionReport:
+    def from_json(cls, path: str | os.PathLike) -> DataSelectionReport:
         """Read a report written by `save_json`.
 
         Raises:
@@ -129,7 +129,7 @@ def _json_default(value):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
-    raise TypeError(f"SelectionReport.settings: {value!r} ({type(value).__name__}) is not a JSON value")
+    raise TypeError(f"DataSelectionReport.settings: {value!r} ({type(value).__name__}) is not a JSON value")
 
 
 def _label_value(value, what: str) -> int:
@@ -209,7 +209,7 @@ def select_pretraining_subset(source_dataset, class_ids: Sequence[int], label_co
 
     Args:
         source_dataset (`datasets.Dataset` or `datasets.IterableDataset`): the source (pre-training) data.
-        class_ids (`Sequence[int]`): the selected label values (`SelectionReport.class_ids`).
+        class_ids (`Sequence[int]`): the selected label values (`DataSelectionReport.class_ids`).
         label_column (`str`, *optional*, defaults to `"label"`): the label column.
         seed (`int`, *optional*): shuffle the result with this seed.
 

@@ -19,7 +19,7 @@ class DataSelection:
 
     Attributes:
         dataset (`datasets.Dataset`): every source example of the selected classes.
-        report (`SelectionReport`): the selected label values (best first), names, weights, settings.
+        report (`DataSelectionReport`): the selected label values (best first), names, weights, settings.
         source_prototypes (`ClassPrototypes`), target_prototypes (`ClassPrototypes`): the class means used.
     """
 
@@ -93,7 +93,7 @@ def select_pretraining_data(
     Raises:
         `ValueError`: see `class_prototypes`; `n_classes` out of range; feature widths that differ.
     """
-    from .report import SelectionReport, select_pretraining_subset
+    from .report import DataSelectionReport, select_pretraining_subset
     from .uot import uot_select_classes
 
     source_label_column = source_label_column or label_column
@@ -139,7 +139,7 @@ def select_pretraining_data(
                 "target_classes": len(target_prototypes), "source_classes": len(source_prototypes),
                 "batch_size": batch_size, "seed": seed,
                 "preprocessing": "backbone default" if transform is None else "custom"}
-    report = SelectionReport(source=source_name, target=target_name, backbone=backbone.name,
+    report = DataSelectionReport(source=source_name, target=target_name, backbone=backbone.name,
                              label_column=source_label_column, class_ids=class_ids, class_names=names,
                              weights=weights, target_marginal_error=float(selection.target_marginal_error),
                              num_examples=len(subset), settings=settings)

@@ -59,7 +59,7 @@ class TwoStreamConfig:
                 "when torchvision is installed"})
     source_num_workers: int = field(default=0, metadata={"help": "DataLoader workers of the source stream"})
     selection: Any = field(default=None, metadata={
-        "help": "the SelectionReport (or its to_dict()) of the source data, recorded in the model card"})
+        "help": "the DataSelectionReport (or its to_dict()) of the source data, recorded in the model card"})
     base_model: str | None = field(default=None, metadata={
         "help": "Hub id of the pre-trained model, for the card (default: what the backbone records)"})
 

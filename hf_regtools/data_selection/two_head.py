@@ -201,7 +201,7 @@ class TwoHeadModel(nn.Module):
         transformers: `save_pretrained` of the classifier (config `num_labels` / `id2label` of the target); it loads
         with `from_pretrained`. timm: `model.safetensors` and a timm `config.json` (`num_classes = n_target`); it
         loads with `timm.create_model("hf-hub:...")` / `"local-dir:..."`. A model card records `base_model` and the
-        selection (`selection`: a `SelectionReport` or its `to_dict()`), when given.
+        selection (`selection`: a `DataSelectionReport` or its `to_dict()`), when given.
         """
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -239,12 +239,12 @@ def _base_model_name(backbone: nn.Module) -> str | None:
 
 
 def selection_summary(selection) -> dict:
-    """The parts of a selection a model card records: from a `SelectionReport`, its `to_dict()`, or a dict with
+    """The parts of a selection a model card records: from a `DataSelectionReport`, its `to_dict()`, or a dict with
     `source`, `class_ids`, `weights` (and optionally `target`, `backbone`, `class_names`, `num_examples`)."""
     data = selection.to_dict() if hasattr(selection, "to_dict") else dict(selection)
     missing = [key for key in ("source", "class_ids", "weights") if key not in data]
     if missing:
-        raise ValueError(f"the selection lacks {missing}; pass a SelectionReport or a dict with source, class_ids "
+        raise ValueError(f"the selection lacks {missing}; pass a DataSelectionReport or a dict with source, class_ids "
                          "and weights")
     if len(data["class_ids"]) != len(data["weights"]):
         raise ValueError(f"the selection has {len(data['class_ids'])} class_ids but {len(data['weights'])} weights")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hf_regtools.data_selection.report import SelectionReport, class_label_names, select_pretraining_subset
+from hf_regtools.data_selection.report import DataSelectionReport, class_label_names, select_pretraining_subset
 
 NAMES = [f"class_{i}" for i in range(6)]
 
@@ -31,20 +31,20 @@ def report(**overrides):
                   target_marginal_error=np.float64(0.004), num_examples=27,
                   settings={"p_m": 0.1, "reg": 1.0, "reg_m": (1.0, 100.0), "n_classes": np.int64(3)})
     values.update(overrides)
-    return SelectionReport(**values)
+    return DataSelectionReport(**values)
 
 
 def test_report_json_round_trip(tmp_path):
     original = report()
     path = original.save_json(tmp_path / "report.json")
     assert json.loads(path.read_text())["settings"] == {"p_m": 0.1, "reg": 1.0, "reg_m": [1.0, 100.0], "n_classes": 3}
-    loaded = SelectionReport.from_json(path)
+    loaded = DataSelectionReport.from_json(path)
     assert loaded == original
     assert loaded.to_dict() == original.to_dict() == json.loads(path.read_text())
     assert loaded.weights == [0.9, float(np.float32(0.5)), 0.25] and isinstance(loaded.num_examples, int)
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
     unnamed = report(class_names=None)
-    assert SelectionReport.from_json(unnamed.save_json(tmp_path / "unnamed.json")).class_names is None
+    assert DataSelectionReport.from_json(unnamed.save_json(tmp_path / "unnamed.json")).class_names is None
 
 
 def test_report_errors(tmp_path):
@@ -59,7 +59,7 @@ def test_report_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"source": "x", "extra": 1}))
     with pytest.raises(ValueError, match=r"not a selection report: missing keys \['backbone'.*unknown keys \['extra'"):
-        SelectionReport.from_json(bad)
+        DataSelectionReport.from_json(bad)
 
 
 def test_plot_writes_a_png(tmp_path):
