@@ -3,7 +3,8 @@
 Each technique's registry entry holds `harness={"cases": {name: case}}`; a case names a tiny model from
 `tiny_models` (`"model"`, `"model_kwargs"`), the callbacks to attach (`"callbacks"`: `("module:Class", kwargs)`
 pairs), optionally a Trainer mixin (`"mixin"`, default `RegtoolsTrainerMixin`) with its constructor arguments
-(`"trainer_init_kwargs"`), a surgery applied to the model before the Trainer is built (`"surgery"`: a
+(`"trainer_init_kwargs"`; `"trainer_init_factory"`, a `("module:function", kwargs)` pair, adds the kwargs that
+`function(case, **kwargs)` returns, for arguments built at run time such as a second dataset), a surgery applied to the model before the Trainer is built (`"surgery"`: a
 `("module:function", kwargs)` pair; the function changes the model in place or returns it), an optimizer class
 (`"optimizer"`: a `("module:Class", kwargs)` pair, passed as `optimizer_cls_and_kwargs`) and `TrainingArguments`
 (`"trainer_kwargs"`), and whether training is deterministic given the global batch (`"deterministic"`: no
@@ -96,6 +97,9 @@ def build_trainer(case: dict, output_dir: str | os.PathLike, *, max_steps: int, 
     settings.update(case.get("trainer_kwargs", {}))
     settings.update(args)
     init_kwargs = dict(trainer_init_kwargs if trainer_init_kwargs is not None else case.get("trainer_init_kwargs", {}))
+    if "trainer_init_factory" in case and trainer_init_kwargs is None:
+        target, factory_kwargs = case["trainer_init_factory"]
+        init_kwargs.update(_load(target)(case, **factory_kwargs))
     if "optimizer" in case:
         target, optimizer_kwargs = case["optimizer"]
         init_kwargs.setdefault("optimizer_cls_and_kwargs", (_load(target), dict(optimizer_kwargs)))
