@@ -4,7 +4,7 @@ Layout of `output_dir`: one folder per round, `round-1`, `round-2`, ...; each ho
 (`checkpoint-*`, if the Trainer saves any), its final model (`save_round_model`: `model.safetensors` and, for
 transformers models, `config.json`, loadable with `from_pretrained`; a timm model in `TimmWrapperForImageClassification`
 in timm's format, loadable with `timm.create_model("local-dir:<folder>", pretrained=True)` and `from_pretrained`)
-and, once the round is complete, `round.json` (its metrics). A rerun skips the complete rounds, takes the last one's
+`trainer_state.json` (its log history) and, once the round is complete, `round.json` (its metrics). A rerun skips the complete rounds, takes the last one's
 model as the teacher, and resumes an incomplete round from its last checkpoint (`trainer.train(resume_from_checkpoint=
 ...)`), so an interrupted run ends with the same weights as an uninterrupted one.
 """
@@ -145,6 +145,7 @@ def run_self_distillation(model_init: Callable, trainer_factory: Callable, *, ro
         checkpoint = _last_checkpoint(folder) if resume else None
         train_output = trainer.train(resume_from_checkpoint=checkpoint)
         save_round_model(trainer, folder)
+        trainer.save_state()
         eval_metrics = trainer.evaluate() if evaluate and trainer.eval_dataset is not None else {}
         train_metrics = _json_ready(train_output.metrics)
         eval_metrics = _json_ready(eval_metrics)
