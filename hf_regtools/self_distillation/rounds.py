@@ -3,10 +3,11 @@
 Layout of `output_dir`: one folder per round, `round-1`, `round-2`, ...; each holds the round's Trainer checkpoints
 (`checkpoint-*`, if the Trainer saves any), its final model (`save_round_model`: `model.safetensors` and, for
 transformers models, `config.json`, loadable with `from_pretrained`; a timm model in `TimmWrapperForImageClassification`
-in timm's format, loadable with `timm.create_model("local-dir:<folder>", pretrained=True)` and `from_pretrained`)
-`trainer_state.json` (its log history) and, once the round is complete, `round.json` (its metrics). A rerun skips the complete rounds, takes the last one's
-model as the teacher, and resumes an incomplete round from its last checkpoint (`trainer.train(resume_from_checkpoint=
-...)`), so an interrupted run ends with the same weights as an uninterrupted one.
+in timm's format, loadable with `timm.create_model("local-dir:<folder>", pretrained=True)` and `from_pretrained`),
+`trainer_state.json` (its log history) and, once the round is complete, `round.json` (its metrics). A rerun skips the
+complete rounds, takes the last one's model as the teacher, and resumes an incomplete round from its last checkpoint
+(`trainer.train(resume_from_checkpoint=...)`), so an interrupted run ends with the same weights as an uninterrupted
+one.
 """
 
 from __future__ import annotations
