@@ -63,8 +63,8 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
-                       "weight_rescaling.py", "weight_selection.py", "weissi.py"]
+    assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py",
+                       "self_distillation.py", "stochnorm.py", "weight_rescaling.py", "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -283,3 +283,30 @@ def test_data_selection_example_prints_the_table(tmp_path, hub_env):
     results = json.loads((out / "data_selection_results.json").read_text())["results"]
     assert [row["method"] for row in results] == ["target only", "UOT-selected", "random classes"]
     assert 0 <= results[1]["close_fraction"] <= 1 and results[0]["close_fraction"] is None
+
+
+def test_self_distillation_example_rounds_resume_and_weight_selection(tmp_path, hub_env, monkeypatch, capsys):
+    """Rounds (1, then 2 resuming the first), weight selection + distillation, and the kernel theory in-process."""
+    out = tmp_path / "rounds"
+    common = ["--max_steps", "2", *SMOKE, "--max_train_samples", "64", "--max_eval_samples", "32"]
+    run_example("self_distillation.py", ["--experiment", "rounds", "--rounds", "1", *common, "--output_dir", out],
+                hub_env, tmp_path)
+    proc = run_example("self_distillation.py", ["--experiment", "rounds", "--rounds", "2", "--loss", "kl",
+                                                "--alpha", "0.5", *common, "--output_dir", out], hub_env, tmp_path)
+    assert "| 1 | found |" in proc.stdout and "| 2 | trained |" in proc.stdout
+    assert set(step_logs(out / "round-2", "hf_regtools/self_distillation/round").values()) == {2}
+    assert "hf_regtools/self_distillation/distill_loss" in log_history(out / "round-2")[0]
+    assert "hf_regtools/self_distillation/distill_loss" not in log_history(out / "round-1")[0]
+
+    proc = run_example("self_distillation.py", ["--experiment", "weight-selection", *common, "--output_dir",
+                                                tmp_path / "ws"], hub_env, tmp_path)
+    results = json.loads((tmp_path / "ws" / "weight_selection_results.json").read_text())
+    assert len(results) == 5 and all(0.0 <= value <= 1.0 for value in results.values())
+    assert "student, weight selection + distillation" in proc.stdout
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", ["self_distillation.py", "--experiment", "kernel", "--output_dir",
+                                      str(tmp_path / "kernel")])
+    runpy.run_path(str(EXAMPLES / "self_distillation.py"), run_name="__main__")
+    assert "collapse" in capsys.readouterr().out
+    assert (tmp_path / "kernel" / "kernel_self_distillation.png").stat().st_size > 0
