@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--target-split", help="split of the target (default: train)")
     data.add_argument("--source-split", help="split of the source (default: train)")
     data.add_argument("--streaming", action="store_true",
-                      help="stream the source (and a Hub target) instead of downloading it whole")
+                      help="stream the source instead of downloading it whole (the target is loaded whole)")
     data.add_argument("--batch-size", type=_positive(int), default=DEFAULT_BATCH_SIZE,
                       help=f"examples per forward (default: {DEFAULT_BATCH_SIZE})")
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for decoding (default: 0)")

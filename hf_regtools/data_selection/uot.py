@@ -97,8 +97,8 @@ def prototype_cost(source_prototypes, target_prototypes, *, p_m: float = 0.1) ->
     """The cost matrix `M_jk = (1 - cos(source_j, target_k)) / p_m` between class prototypes.
 
     Rows are normalised to unit L2 norm first; the cosines are a matrix product (in blocks of rows, written straight
-    into the float64 result, so no other `(K_s, K_t)` array is made), in float32 when both inputs are float32 (or lower
-    precision) and in float64 otherwise.
+    into the float64 result, so no other `(K_s, K_t)` array is made), in float32 when both inputs are float32 and in
+    float64 otherwise (half-precision inputs included).
 
     Args:
         source_prototypes (`np.ndarray` or `torch.Tensor` of shape `(K_s, d)`): source class prototypes.
