@@ -63,8 +63,8 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py", "stochnorm.py",
-                       "weight_rescaling.py", "weight_selection.py", "weissi.py"]
+    assert scripts == ["alpha_svrg.py", "dropout_schedules.py", "gradinit.py", "label_noise.py", "nested_dropout.py",
+                       "stochnorm.py", "weight_rescaling.py", "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -272,3 +272,19 @@ def test_nested_dropout_example_trains_and_pushes_a_sub_network(tmp_path, fake_h
 
     subnet = load_subnet(subnet_repo, VGGClassifier(config=(16, "M", 32, 32), hidden=32, num_labels=10, channels=1))
     assert subnet.nested_subnet_info.rho == 0.5 and subnet(torch.zeros(2, 1, 8, 8))["logits"].shape == (2, 10)
+
+
+def test_label_noise_example_logs_sharpness_next_to_gradient_diagnostics(tmp_path, hub_env):
+    """4 steps with noisy one-hot targets: the probes are logged every 2 steps, drawn and saved."""
+    out = tmp_path / "run"
+    run_example("label_noise.py", ["--max_steps", "4", "--probe_steps", "2", "--probes", "2", *SMOKE,
+                                   "--output_dir", out], hub_env, tmp_path)
+    logged = lambda metric: {entry["step"]: entry[metric] for entry in log_history(out)  # noqa: E731
+                             if "loss" in entry and metric in entry}
+    traces = logged("hf_regtools/diagnostics/hessian_trace")
+    assert sorted(traces) == [2, 3, 4] and all(value != 0 for value in traces.values())
+    assert sorted(logged("hf_regtools/diagnostics/gdv")) == [2, 3, 4]
+    assert step_logs(out, "hf_regtools/label_noise/sigma") == {s: 1.0 for s in range(1, 5)}
+    results = json.loads((out / "sharpness_results.json").read_text())
+    assert results["eval_hessian_trace"] != 0 and "eval_hessian_top_eigenvalue" in results
+    assert (out / "sharpness.png").read_bytes()[:4] == b"\x89PNG"

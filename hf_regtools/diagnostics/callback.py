@@ -118,12 +118,12 @@ class SharpnessCallback(TechniqueMetricsCallback, ExportableState):
         power_iterations (`int`, *optional*, defaults to 20): the most power iterations (0: no eigenvalue).
         tol (`float`, *optional*, defaults to 1e-3): relative change of the eigenvalue estimate that stops early.
         seed (`int`, *optional*, defaults to 0): seed of the probe set and of the probe vectors.
-        method (`str`, *optional*, defaults to `"forward"`): `"forward"` (jvp of grad) or `"reverse"` (vjp of grad).
+        method (`str`, *optional*, defaults to `"reverse"`): `"reverse"` (vjp of grad) or `"forward"` (jvp of grad).
         batch_norm (`str`, *optional*, defaults to `"batch"`): BatchNorm statistics, `"batch"` or `"running"`.
     """
 
     def __init__(self, *, every_n_steps: int = 100, n_batches: int = 1, n_probes: int = 16, power_iterations: int = 20,
-                 tol: float = 1e-3, seed: int = 0, method: str = "forward", batch_norm: str = "batch"):
+                 tol: float = 1e-3, seed: int = 0, method: str = "reverse", batch_norm: str = "batch"):
         from .sharpness import BATCH_NORM_MODES, METHODS
 
         if every_n_steps < 1 or n_batches < 1 or n_probes < 1 or power_iterations < 0:

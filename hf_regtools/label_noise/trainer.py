@@ -96,7 +96,8 @@ class LabelNoiseLoss(TechniqueMetricsCallback):
 
 
 def label_noise_loss(kind: str, *, sigma: float | None = None, p: float | None = None,
-                     num_classes: int | None = None, noise: str = "rademacher", seed: int | None = None) -> LabelNoiseLoss:
+                     num_classes: int | None = None, noise: str = "rademacher",
+                     seed: int | None = None) -> LabelNoiseLoss:
     """A `compute_loss_func` that trains on labels perturbed afresh at every step (label-noise SGD).
 
     Pass the result both as the loss and as a callback:
