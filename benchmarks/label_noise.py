@@ -6,7 +6,9 @@ blocks (plain, flip, soft_mse, plain, ...) so that drifts in machine load hit th
 (cross-entropy); a step whose loss is `label_noise_loss("flip", p=0.2)` as the Trainer calls it (the step's noise
 drawn for the rows of the global batch, then cross-entropy); and one with `"soft_mse"` (Gaussian noise on one-hot
 targets, square loss). Printed: the median step time of each and its ratio to the plain step (target <= 1.02x): the
-median over rounds of a block's median to the plain block's of the same round, robust to a loaded machine.
+median over rounds of a block's median to the plain block's of the same round; and, robust to a loaded machine, the
+extra time of the loss alone (noise drawn, loss forward and backward on fixed logits) against cross-entropy's, as a
+share of a plain step.
 
 Then the sharpness probe on the same model and batch (BatchNorm on batch statistics): the seconds of one
 Hessian-vector product (`torch.func` jvp of grad, and vjp of grad) next to one gradient computation (forward and
@@ -120,6 +122,20 @@ def main() -> None:
     ratio = {kind: statistics.median(values) for kind, values in rounds.items()}
     plain = median["plain"]
 
+    logits = model(pixels).detach().requires_grad_(True)
+
+    def loss_only(kind: str) -> None:
+        if kind == "plain":
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+        else:
+            losses[kind].on_step_begin(trainer_args, SimpleNamespace(global_step=counter["step"]), None)
+            loss = losses[kind]({"logits": logits}, labels, num_items_in_batch=None)
+        loss.backward()
+        counter["step"] += 1
+
+    loss_s = {kind: timed(lambda: loss_only(kind), args.device, 200) for kind in kinds}
+    extra = {kind: loss_s[kind] - loss_s["plain"] for kind in ("flip", "soft_mse")}
+
     batch = {"pixel_values": pixels, "labels": labels}
 
     def probe_loss(network, data):
@@ -146,6 +162,10 @@ def main() -> None:
     for kind in ("flip", "soft_mse"):
         print(f"label noise {kind:8s}{median[kind] * 1e3:8.2f} ms   ratio {ratio[kind]:.3f}x (target <= 1.02x; median "
               f"of the blocks' ratios to the adjacent plain block; of the medians {median[kind] / plain:.3f}x)")
+    for kind in ("flip", "soft_mse"):
+        print(f"  loss alone {kind:8s}{loss_s[kind] * 1e3:8.3f} ms against cross-entropy's {loss_s['plain'] * 1e3:.3f} ms "
+              f"(forward and backward on fixed logits): {extra[kind] * 1e3:+.3f} ms a step, "
+              f"{extra[kind] / plain:+.2%} of a plain step")
     print(f"gradient (fwd+bwd)  {gradient_s * 1e3:8.2f} ms")
     for method, seconds in hvp_s.items():
         print(f"HVP ({method:7s})     {seconds * 1e3:8.2f} ms   {seconds / gradient_s:.2f} gradients")
@@ -153,7 +173,8 @@ def main() -> None:
     print(f"hessian_top_eig.    {args.iterations} HVPs, {eigen_s:.3f} s ({eigen_s / gradient_s:.1f} gradients)")
     print(json.dumps({"plain_step_s": plain, "flip_step_s": median["flip"], "soft_mse_step_s": median["soft_mse"],
                       "flip_ratio": ratio["flip"], "soft_mse_ratio": ratio["soft_mse"],
-                      "gradient_s": gradient_s, "hvp_forward_s": hvp_s["forward"], "hvp_reverse_s": hvp_s["reverse"],
+                      "plain_loss_s": loss_s["plain"], "flip_loss_s": loss_s["flip"],
+                      "soft_mse_loss_s": loss_s["soft_mse"], "gradient_s": gradient_s, "hvp_forward_s": hvp_s["forward"], "hvp_reverse_s": hvp_s["reverse"],
                       "trace_hvps": args.probes, "trace_s": trace_s, "eigenvalue_hvps": args.iterations,
                       "eigenvalue_s": eigen_s, "device": args.device, "image_size": args.image_size}))
 
