@@ -72,7 +72,7 @@ class HessianOperator:
 
     Vectors are dicts `{parameter name: tensor}` (as `parameters()` gives). `method="reverse"` (default) computes a
     product as `torch.func.vjp` of `torch.func.grad` (double backward: the widest operator support, and the faster one
-    on CPU in `benchmarks/label_noise.py`), `"forward"` as `torch.func.jvp` of it (forward-over-reverse). `calls`
+    in most CPU runs of `benchmarks/label_noise.py`), `"forward"` as `torch.func.jvp` of it (forward-over-reverse). `calls`
     counts the Hessian-vector products, one per batch and vector. Use it inside `probe_mode(model)`.
     """
 
