@@ -29,8 +29,10 @@ _EXPORTS = {
     "hf_regtools.surgery": ("replace_modules",),
     "hf_regtools.optim": ("AGD", "AGDMetricsCallback", "PaperWeightDecayMixin", "agd_init_", "decay_parameter_names",
                           "no_weight_decay_names", "param_groups_weight_decay"),
-    "hf_regtools.diagnostics": ("GradientDiagnosticsCallback", "flat_gradient", "gradient_direction_error",
-                                "gradient_direction_variance", "gradient_variance_metrics", "plot_diagnostics"),
+    "hf_regtools.diagnostics": ("GradientDiagnosticsCallback", "HessianOperator", "SHARPNESS_KEYS", "SharpnessCallback",
+                                "flat_gradient", "gradient_direction_error", "gradient_direction_variance",
+                                "gradient_variance_metrics", "hessian_top_eigenvalue", "hessian_trace",
+                                "plot_diagnostics", "probe_mode"),
 }
 
 
@@ -50,8 +52,10 @@ if TYPE_CHECKING:
     from ._registry import TECHNIQUES, TechniqueInfo, get_technique, list_techniques
     from .adapters import StudentShape, UnsupportedModelError, detect_family, find_supported_model, save_model
     from .checkpoint import CheckpointError, CheckpointReader
-    from .diagnostics import (GradientDiagnosticsCallback, flat_gradient, gradient_direction_error,
-                              gradient_direction_variance, gradient_variance_metrics, plot_diagnostics)
+    from .diagnostics import (SHARPNESS_KEYS, GradientDiagnosticsCallback, HessianOperator, SharpnessCallback,
+                              flat_gradient, gradient_direction_error, gradient_direction_variance,
+                              gradient_variance_metrics, hessian_top_eigenvalue, hessian_trace, plot_diagnostics,
+                              probe_mode)
     from .hub import (HubError, ResolvedModel, TechniqueUse, add_techniques_to_card, load_model, push_folder,
                       resolve_model)
     from .optim import (AGD, AGDMetricsCallback, PaperWeightDecayMixin, agd_init_, decay_parameter_names,

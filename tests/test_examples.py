@@ -63,8 +63,9 @@ def step_logs(output_dir, metric):
 
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
-    assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "nested_dropout.py",
-                       "self_distillation.py", "stochnorm.py", "weight_rescaling.py", "weight_selection.py", "weissi.py"]
+    assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "label_noise.py",
+                       "nested_dropout.py", "self_distillation.py", "stochnorm.py", "weight_rescaling.py",
+                       "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
@@ -72,6 +73,8 @@ def test_every_example_documents_its_launch_lines():
 
 
 @pytest.mark.parametrize("library", ["transformers", "timm"])
+
+
 def test_weight_selection_example_pushes_a_student_that_loads_back(library, tmp_path, fake_hub, hub_env):
     torch.manual_seed(0)
     teacher = transformers_vit(hidden_size=16, num_hidden_layers=3) if library == "transformers" else timm_vit(
@@ -158,6 +161,8 @@ def test_dropout_example_rejects_a_technique_the_model_lacks_before_training(tmp
 
 
 @pytest.mark.multiprocess
+
+
 def test_dropout_example_on_two_processes_with_torchrun(tmp_path, hub_env):
     """256 images, 32 per process: one epoch is 4 optimizer steps on 2 processes (it would be 8 on one)."""
     out = tmp_path / "run"
@@ -171,6 +176,8 @@ def test_dropout_example_on_two_processes_with_torchrun(tmp_path, hub_env):
 
 
 @pytest.mark.parametrize("mode", ["snapshot", "cache"])
+
+
 def test_alpha_svrg_example(mode, tmp_path, hub_env):
     """300 images in batches of 64 (the last one 44): 5 steps per epoch, alpha 0.75 -> 0.375 -> 0 over 3 epochs."""
     out = tmp_path / "run"
@@ -310,3 +317,19 @@ def test_self_distillation_example_rounds_resume_and_weight_selection(tmp_path, 
     runpy.run_path(str(EXAMPLES / "self_distillation.py"), run_name="__main__")
     assert "collapse" in capsys.readouterr().out
     assert (tmp_path / "kernel" / "kernel_self_distillation.png").stat().st_size > 0
+
+
+def test_label_noise_example_logs_sharpness_next_to_gradient_diagnostics(tmp_path, hub_env):
+    """4 steps with noisy one-hot targets: the probes are logged every 2 steps, drawn and saved."""
+    out = tmp_path / "run"
+    run_example("label_noise.py", ["--max_steps", "4", "--probe_steps", "2", "--probes", "2", *SMOKE,
+                                   "--output_dir", out], hub_env, tmp_path)
+    logged = lambda metric: {entry["step"]: entry[metric] for entry in log_history(out)  # noqa: E731
+                             if "loss" in entry and metric in entry}
+    traces = logged("hf_regtools/diagnostics/hessian_trace")
+    assert sorted(traces) == [2, 3, 4] and all(value != 0 for value in traces.values())
+    assert sorted(logged("hf_regtools/diagnostics/gdv")) == [2, 3, 4]
+    assert step_logs(out, "hf_regtools/label_noise/sigma") == {s: 1.0 for s in range(1, 5)}
+    results = json.loads((out / "sharpness_results.json").read_text())
+    assert results["eval_hessian_trace"] != 0 and "eval_hessian_top_eigenvalue" in results
+    assert (out / "sharpness.png").read_bytes()[:4] == b"\x89PNG"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DEFAULT_KEYS = ("hf_regtools/diagnostics/gdv", "hf_regtools/diagnostics/gde", "hf_regtools/diagnostics/grad_norm",
                 "hf_regtools/diagnostics/dist_from_init")
+SHARPNESS_KEYS = ("hf_regtools/diagnostics/hessian_trace", "hf_regtools/diagnostics/hessian_top_eigenvalue")
 
 
 def plot_diagnostics(runs: dict[str, list[dict]], path: str | os.PathLike, *, keys: Sequence[str] = DEFAULT_KEYS) -> Path:
