@@ -383,7 +383,7 @@ def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> Gra
     optimizer = _optimizer(scaled, config)
     from tqdm.auto import tqdm
 
-    history, counts = [], {"constraint": 0, "objective": 0}
+    history, counts, branch_guess = [], {"constraint": 0, "objective": 0}, {"constraint": True}
     needs_double_backward = config.is_nio or config.second_order or math.isfinite(config.gamma)
     with _gradinit_mode(model), torch.autocast(device.type, enabled=False), torch.enable_grad(), \
             _attention_with_double_backward(needs_double_backward):
@@ -393,7 +393,8 @@ def _run(model, batches, config: GradInitConfig, loss_fn, progress: bool) -> Gra
             if config.is_nio:
                 entry = _nio_iteration(model, batch, stepped, scaled, optimizer, config, loss_fn)
             else:
-                entry = _gradinit_iteration(model, batch, source, stepped, scaled, optimizer, config, loss_fn)
+                entry = _gradinit_iteration(model, batch, source, stepped, scaled, optimizer, config, loss_fn,
+                                            branch_guess)
             counts[entry["branch"]] += 1
             history.append({"iteration": iteration, **entry})
             bar.set_postfix(gnorm=f"{entry['gnorm']:.3g}", constraint_steps=counts["constraint"])
@@ -421,17 +422,31 @@ def _scale_grads(output, params) -> list[torch.Tensor | None]:
     return list(torch.autograd.grad(output, params, allow_unused=True))
 
 
-def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, config: GradInitConfig, loss_fn) -> dict:
+def _gradinit_iteration(model, batch0, source, stepped, scaled, optimizer, config: GradInitConfig, loss_fn,
+                        branch_guess: dict) -> dict:
+    """One GradInit iteration. The gradient g on S keeps its graph only where it is differentiated: in the
+    constraint branch (the gradient of ||g||) and with `second_order`. Which branch runs is known only once g is
+    computed, so g keeps its graph when the previous iteration took the constraint branch (`branch_guess`); when the
+    guess was wrong, g is computed again with its graph (the branches change rarely: the constraint holds early)."""
     stepped_params, scaled_params = [p for _, p in stepped], [p for _, p in scaled]
     batch1 = next(source)
-    keep_graph = config.second_order or math.isfinite(config.gamma)
-    with batch_norm_double_backward_mode(keep_graph):
-        loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
-    grads = _grads(loss, stepped_params, create_graph=keep_graph)
+    constrained = math.isfinite(config.gamma)
+    keep_graph = config.second_order or constrained and branch_guess["constraint"]
     adam = config.algorithm == "adam"
-    gnorm = sum(g.abs().sum() for g in grads) if adam else sum(g.square().sum() for g in grads).sqrt()
+
+    def gradient(keep_graph: bool):
+        with batch_norm_double_backward_mode(keep_graph):
+            loss = _mean_loss(loss_fn(model, _concat(batch0, batch1)))
+        grads = _grads(loss, stepped_params, create_graph=keep_graph)
+        gnorm = sum(g.abs().sum() for g in grads) if adam else sum(g.square().sum() for g in grads).sqrt()
+        return loss, grads, gnorm
+
+    loss, grads, gnorm = gradient(keep_graph)
     entry = {"gnorm": gnorm.item(), "loss": loss.item()}
+    branch_guess["constraint"] = entry["gnorm"] > config.gamma
     if entry["gnorm"] > config.gamma:
+        if not keep_graph:
+            gnorm = gradient(True)[2]
         _step(optimizer, scaled_params, _scale_grads(gnorm, scaled_params), is_constraint=True)
         return {"branch": "constraint", **entry, "obj": None}
     if adam:

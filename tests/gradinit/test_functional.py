@@ -338,3 +338,40 @@ def test_existing_gradients_are_left_as_they_were():
     gradinit_(model, [(x.float(), y) for x, y in pairs(3)], iterations=2)
     assert model[2].bias.grad is None
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in [*model.parameters()][:3])
+
+
+def test_graph_of_the_gradient_only_where_the_branch_needs_it_gives_the_same_result(monkeypatch):
+    """g keeps its graph when the previous iteration took the constraint branch, and is computed again with it when
+    that guess was wrong: the same scales, history and weights as keeping the graph at every iteration."""
+    from hf_regtools.gradinit import functional
+    from hf_regtools.testing import tiny_models
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=generator),
+                "labels": torch.randint(0, 3, (4,), generator=generator)} for _ in range(5)]
+    gnorms = [entry["gnorm"] for entry in gradinit_(tiny_models.transformers_resnet(), batches, iterations=10,
+                                                       gamma=math.inf, lr=0.05).history]
+    gamma = sorted(gnorms)[len(gnorms) // 2]
+    torch.manual_seed(0)
+    default_model = tiny_models.transformers_resnet()
+    always_model = copy.deepcopy(default_model)
+    graphs = []
+    grads = functional._grads
+    monkeypatch.setattr(functional, "_grads", lambda *a, **k: graphs.append(k.get("create_graph")) or grads(*a, **k))
+    default = gradinit_(default_model, batches, iterations=10, gamma=gamma, lr=0.05)
+    branches = [entry["branch"] for entry in default.history]
+    assert 0 < default.constraint_steps < 10
+    assert graphs.count(True) < len(graphs) and graphs.count(False) > 0
+
+    iteration = functional._gradinit_iteration
+
+    def keep_graph_always(*args):
+        args[-1]["constraint"] = True
+        return iteration(*args)
+
+    monkeypatch.setattr(functional, "_gradinit_iteration", keep_graph_always)
+    always = gradinit_(always_model, batches, iterations=10, gamma=gamma, lr=0.05)
+    assert [entry["branch"] for entry in always.history] == branches
+    assert always.history == default.history and always.scales == default.scales
+    for (name, a), (_, b) in zip(default_model.state_dict().items(), always_model.state_dict().items()):
+        assert torch.equal(a, b), name
