@@ -35,3 +35,20 @@ def current_loss_scale(trainer) -> float | None:
     """The scale of the loss (and so of the gradients before unscaling) under fp16 `GradScaler`; `None` without one."""
     scaler = getattr(trainer.accelerator, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+
+def config_from_value(config_class, value, keyword: str):
+    """`value` as a `config_class` dataclass: itself, or built from a dict of its fields (an unknown key is an error
+    naming the allowed ones); `keyword` is the argument's name in messages (`"weissi"` for `weissi=`)."""
+    from dataclasses import fields
+
+    if isinstance(value, config_class):
+        return value
+    if isinstance(value, dict):
+        known = {field.name for field in fields(config_class)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"{keyword}: unknown settings {unknown}; allowed: {sorted(known)}")
+        return config_class(**value)
+    raise TypeError(f"{keyword}= takes a {config_class.__name__} or a dict of its settings, got "
+                    f"{type(value).__name__}")

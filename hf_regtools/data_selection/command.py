@@ -94,45 +94,11 @@ def load_split(reference: str, *, split: str | None, streaming: bool, option: st
     Raises:
         `SelectDataError`: a missing path, a file, a split that does not exist, or a dataset that cannot be loaded.
     """
-    import datasets
+    from .._data import load_split as load_data_split
 
-    path = Path(reference).expanduser()
-    if path.is_file():
-        raise SelectDataError(f"{option} {reference}: is a file; pass a folder (save_to_disk output or image folder) "
-                              "or a Hub dataset id")
-    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise SelectDataError(f"{option} {reference}: cannot load the saved dataset ({_first_line(error)})") \
-                from error
-        if isinstance(loaded, datasets.DatasetDict):
-            split = split or "train"
-            if split not in loaded:
-                raise SelectDataError(f"{option} {reference} has no split {split!r}; choose {option}-split among "
-                                      f"{', '.join(loaded)}")
-            loaded = loaded[split]
-        elif split is not None and split != str(loaded.split):
-            raise SelectDataError(f"{option} {reference} is a single saved Dataset; drop {option}-split {split}")
-        return (loaded.to_iterable_dataset() if streaming else loaded), f"{reference}"
-    text = str(reference)
-    if not path.is_dir() and (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1):
-        raise SelectDataError(f"{option} {reference}: no such folder ({path.absolute()})")
-    args, kwargs = (("imagefolder",), {"data_dir": str(path)}) if path.is_dir() else ((text,), {})
-    try:
-        dataset = datasets.load_dataset(*args, split=split or "train", streaming=streaming, **kwargs)
-    except ValueError as error:
-        hint = f"; choose another {option}-split" if "split" in str(error).lower() else ""
-        raise SelectDataError(f"{option} {reference}: cannot load it ({_first_line(error)}){hint}") from error
-    except (OSError, ConnectionError, datasets.exceptions.DatasetsError) as error:
-        raise SelectDataError(f"{option} {reference}: cannot load it ({_first_line(error)}); pass a saved dataset, "
-                              "an image folder, or a Hub dataset id") from error
-    return dataset, text
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+    dataset, _ = load_data_split(reference, split=split, streaming=streaming, option=option,
+                                 split_option=f"{option}-split", error_class=SelectDataError)
+    return dataset, str(reference)
 
 
 def label_column_of(dataset, chosen: str | None, option: str, reference: str) -> str:

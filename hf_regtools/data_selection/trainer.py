@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
+from .._trainer_utils import config_from_value
 from ..schedules import MultiStepLRLambda
 from ..trainer import RegtoolsTrainerMixin, save_training_args
 from .streams import SourceStream
@@ -81,15 +82,7 @@ class TwoStreamConfig:
 
     @classmethod
     def from_value(cls, value) -> TwoStreamConfig:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"two_stream: unknown settings {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise TypeError(f"two_stream= takes a TwoStreamConfig or a dict of its settings, got {type(value).__name__}")
+        return config_from_value(cls, value, "two_stream")
 
     def settings(self) -> dict:
         """The JSON-able settings (for the card and the checkpoint)."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _data
 from .config import GradInitConfig
 
 DEFAULT_BATCH_SIZE = 64
@@ -259,36 +260,7 @@ def data_kind(reference: str | os.PathLike) -> str:
     Raises:
         `GradInitCommandError`: a path that does not exist, or a folder that is neither kind.
     """
-    path = Path(reference).expanduser()
-    if path.is_dir():
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return "saved"
-        if _has_images(path):
-            return "imagefolder"
-        raise GradInitCommandError(
-            f"--data {reference}: the folder is neither a dataset saved with `save_to_disk` (no dataset_dict.json or "
-            "state.json) nor an image folder (no image files in class subfolders)")
-    if path.exists():
-        raise GradInitCommandError(f"--data {reference}: is a file; pass a folder (save_to_disk output or image "
-                                   "folder) or a dataset name")
-    text = str(reference)
-    looks_like_path = (text.startswith((".", "/", "~")) or text.endswith("/") or text.count("/") > 1
-                       or (os.sep != "/" and os.sep in text))
-    if looks_like_path:
-        raise GradInitCommandError(f"--data {reference}: no such folder ({path.absolute()})")
-    return "name"
-
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-def _has_images(folder: Path, limit: int = 10_000) -> bool:
-    for count, path in enumerate(folder.rglob("*")):
-        if path.suffix.lower() in _IMAGE_SUFFIXES and path.is_file():
-            return True
-        if count >= limit:
-            return False
-    return False
+    return _data.data_kind(reference, error_class=GradInitCommandError)
 
 
 def load_data(reference: str | os.PathLike, *, task: str, split: str | None = None, image_column: str | None = None,
@@ -299,8 +271,7 @@ def load_data(reference: str | os.PathLike, *, task: str, split: str | None = No
         `GradInitCommandError`: the data cannot be loaded, the split does not exist, or a column is missing (the
             message lists the available columns and the option to pass).
     """
-    kind = data_kind(reference)
-    dataset, where = _load_split(reference, kind, split)
+    dataset, where = _data.load_split(reference, split=split, error_class=GradInitCommandError)
     dataset = dataset.with_format(None)
     columns = list(dataset.column_names)
     features = dataset.features
@@ -311,48 +282,6 @@ def load_data(reference: str | os.PathLike, *, task: str, split: str | None = No
     label = _label_column(features, columns, label_column, reference, exclude=inputs)
     names, ids = _label_space(dataset, features, label, reference)
     return DataSpec(dataset, f"{where}, {len(dataset)} examples", task, inputs, label, names, ids)
-
-
-def _load_split(reference, kind: str, split: str | None):
-    import datasets
-
-    if kind == "saved":
-        try:
-            loaded = datasets.load_from_disk(str(Path(reference).expanduser()))
-        except (FileNotFoundError, ValueError, OSError) as error:
-            raise GradInitCommandError(f"--data {reference}: cannot load the saved dataset ({_first_line(error)})") \
-                from error
-        if isinstance(loaded, datasets.DatasetDict):
-            chosen = split or "train"
-            if chosen not in loaded:
-                raise GradInitCommandError(f"--data {reference} has no split {chosen!r}; choose --split among "
-                                           f"{', '.join(loaded)}")
-            return loaded[chosen], f"`{reference}` (saved DatasetDict), split {chosen}"
-        saved_split = str(loaded.split) if loaded.split is not None else None
-        if split is not None and split != saved_split:
-            raise GradInitCommandError(f"--data {reference} is a single saved Dataset"
-                                       f"{f' (split {saved_split})' if saved_split else ''}; drop --split {split}")
-        return loaded, f"`{reference}` (saved Dataset)"
-    chosen = split or "train"
-    args = ("imagefolder",) if kind == "imagefolder" else (str(reference),)
-    kwargs = {"data_dir": str(Path(reference).expanduser())} if kind == "imagefolder" else {}
-    try:
-        dataset = datasets.load_dataset(*args, split=chosen, **kwargs)
-    except ValueError as error:
-        if "split" in str(error).lower():
-            raise GradInitCommandError(f"--data {reference}: {_first_line(error)}; choose another --split") from error
-        raise GradInitCommandError(f"--data {reference}: cannot load it ({_first_line(error)})") from error
-    except (OSError, ConnectionError, datasets.exceptions.DatasetsError) as error:
-        hint = ("" if kind == "imagefolder" else "; pass a folder (save_to_disk output or image folder), or a dataset "
-                "name in the cache (with HF_HUB_OFFLINE=1) or on the Hub")
-        raise GradInitCommandError(f"--data {reference}: cannot load it ({_first_line(error)}){hint}") from error
-    label = "image folder" if kind == "imagefolder" else "dataset"
-    return dataset, f"`{reference}` ({label}), split {chosen}"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
 
 
 def _missing(reference, option: str, what: str, columns: list[str], value: str | None = None) -> GradInitCommandError:

@@ -8,9 +8,11 @@ run, any process count and any split into micro-batches draw the same noise for 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .._trainer_utils import config_from_value
 
 IGNORE_INDEX = -100
 KINDS = ("regression", "flip", "soft_mse")
@@ -50,15 +52,7 @@ class LabelNoiseConfig:
 
     @classmethod
     def from_value(cls, value) -> LabelNoiseConfig:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"label_noise: unknown settings {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise TypeError(f"label_noise= takes a LabelNoiseConfig or a dict of its settings, got {type(value).__name__}")
+        return config_from_value(cls, value, "label_noise")
 
     def to_dict(self) -> dict:
         return {key: value for key, value in asdict(self).items() if value is not None}

@@ -9,9 +9,10 @@ its own copy on its device, in eval mode, without gradients, and runs it under t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
+from .._trainer_utils import config_from_value
 from ..trainer import RegtoolsTrainerMixin
 from .functional import LOSSES, per_example_distillation_loss, teacher_logits_of, validate_settings
 
@@ -42,16 +43,7 @@ class DistillationConfig:
     def from_value(cls, value) -> DistillationConfig:
         if value is None:
             return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"distillation: unknown settings {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise TypeError(f"distillation= takes a DistillationConfig or a dict of its settings, got "
-                        f"{type(value).__name__}")
+        return config_from_value(cls, value, "distillation")
 
 
 class DistillationTrainerMixin(RegtoolsTrainerMixin):

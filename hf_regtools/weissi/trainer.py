@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
-from .._trainer_utils import unwrap_optimizer
+from .._trainer_utils import config_from_value, unwrap_optimizer
 from ..schedules import COEFFICIENT_KINDS, coefficient_schedule
 from ..trainer import LossTermTrainerMixin
 from .core import BN_MODES, NORMS, WeissiRegularizer, managed_parameter_names
@@ -52,15 +52,7 @@ class WeissiConfig:
 
     @classmethod
     def from_value(cls, value) -> WeissiConfig:
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = {f.name for f in fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise ValueError(f"weissi: unknown settings {unknown}; allowed: {sorted(known)}")
-            return cls(**value)
-        raise TypeError(f"weissi= takes a WeissiConfig or a dict of its settings, got {type(value).__name__}")
+        return config_from_value(cls, value, "weissi")
 
 
 class WeissiTrainerMixin(LossTermTrainerMixin):
