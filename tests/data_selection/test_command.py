@@ -86,6 +86,30 @@ def test_push_to_the_fake_hub_and_pull(inputs, tmp_path, fake_hub, capsys):
         DatasetCard.load(output / "README.md").data.hf_regtools["selected_classes"]
 
 
+def test_source_streamed_from_a_hub_dataset_repo_gives_the_same_selection(inputs, tmp_path, fake_hub, capsys):
+    """`--source org/name --streaming`: datasets' own `load_dataset(..., streaming=True)` against the fake Hub (a
+    parquet upload), the same classes and examples as the saved source."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    repo = f"org/source-{uuid.uuid4().hex[:8]}"
+    upload = tmp_path / "upload" / "data"
+    upload.mkdir(parents=True)
+    datasets.load_from_disk(str(inputs / "source")).to_parquet(str(upload / "train-00000-of-00001.parquet"))
+    api = HfApi()
+    api.create_repo(repo, repo_type="dataset")
+    api.upload_folder(folder_path=str(upload.parent), repo_id=repo, repo_type="dataset")
+    assert cli_main(_args(inputs, tmp_path / "saved", "--seed", "0")) == 0
+    assert cli_main(_args(inputs, tmp_path / "streamed", "--seed", "0", "--streaming", source=repo)) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "saved" / "report.json").read_text())
+    streamed = json.loads((tmp_path / "streamed" / "report.json").read_text())
+    assert streamed["class_ids"] == saved["class_ids"] and streamed["num_examples"] == saved["num_examples"]
+    assert streamed["weights"] == pytest.approx(saved["weights"], rel=1e-6)
+    assert sorted(datasets.load_from_disk(str(tmp_path / "streamed"))["label"]) == \
+        sorted(datasets.load_from_disk(str(tmp_path / "saved"))["label"])
+
+
 def test_failed_push_keeps_the_complete_output(inputs, tmp_path, fake_hub, capsys):
     fake_hub.add_fault("POST", r"/api/datasets/.*/commit/.*", 500)
     output = tmp_path / "out"
