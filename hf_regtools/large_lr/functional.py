@@ -122,6 +122,8 @@ def patch_draws(indices: Sequence[int], epoch: int, *, seed: int = 2, prop: floa
     """Draws of the patch transform, keyed by `(seed, index)` for the fixed patched subset (`U_i < prop`) and by
     `(seed, epoch, index)` for the per-access draws (pattern, sign `+-1`, patch only with `patch_only_prob`, its
     amplitude `a ~ U(0, patch_only_scale)`), never by a global random state."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
     n = len(indices)
     kind, pattern = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     sign, amplitude = np.ones(n), np.ones(n)
