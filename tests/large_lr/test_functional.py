@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_regtools.large_lr import (OFFICIAL_SCHEDULES, ActivationNoise, PatchTransform, apply_patch,
+from hf_regtools.large_lr import (OFFICIAL_SCHEDULES, ActivationNoise, PatchTransform,
                                   large_initial_lr_lambda, large_initial_lr_schedule, noise_level, patch_draws,
                                   patch_only_eval_set, patch_pattern)
 from hf_regtools.schedules import MultiStepLRLambda, multistep_lr_factor

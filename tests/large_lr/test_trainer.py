@@ -1,7 +1,6 @@
 """Trainer adapters of the large initial learning rate: the scheduler mixin (epochs under gradient accumulation), the
 patch transform's epoch callback, the activation-noise callback (annealing, off in eval, resume)."""
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
