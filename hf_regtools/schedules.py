@@ -132,37 +132,89 @@ def coefficient_schedule(progress: float, *, kind: str = "constant", warmup: flo
     return 1.0 - rest if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * rest))
 
 
-def multistep_lr_factor(epoch: float, *, milestones: tuple[int, ...] = (60, 80), gamma: float = 0.1) -> float:
-    """Learning-rate multiplier `gamma ** (number of milestones <= floor(epoch))`: a step decay at epoch boundaries.
+MILESTONE_UNITS = ("epochs", "steps", "fractions")
 
-    The two-head fine-tuning scripts of Liu et al. (NeurIPS 2022) use `x0.1` at epochs 60 and 80 of 100
-    (`adjust_learning_rate`); here the epoch comes from the Trainer's step counter, so a single-process run decays too
-    (the official code only counts epochs under `world_size > 1`).
+
+def multistep_lr_factor(epoch: float, *, milestones: tuple[float, ...] = (60, 80),
+                        gamma: float | tuple[float, ...] = 0.1) -> float:
+    """Learning-rate multiplier: the product of the factors of the milestones `<= floor(epoch)` (a step decay).
+
+    `gamma` is one factor for every milestone, or one factor per milestone. The two-head fine-tuning scripts of Liu et
+    al. (NeurIPS 2022) use `x0.1` at epochs 60 and 80 of 100 (`adjust_learning_rate`); here the epoch comes from the
+    Trainer's step counter, so a single-process run decays too (the official code only counts epochs under
+    `world_size > 1`). `epoch` may be any counter (epochs or optimizer steps) in the milestones' unit.
 
     Example:
 
     ```python
     [multistep_lr_factor(e) for e in (0, 59.9, 60, 79, 80, 99)]
     # [1.0, 1.0, 0.1, 0.1, 0.01, 0.01] (up to rounding)
+    [multistep_lr_factor(e, milestones=(29,), gamma=(0.04,)) for e in (28, 29)]
+    # [1.0, 0.04]
     ```
     """
-    if not 0.0 < gamma:
-        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    factors = _milestone_factors(milestones, gamma)
+    reached = math.floor(epoch)
+    out = 1.0
+    for milestone, factor in zip(milestones, factors):
+        if reached >= milestone:
+            out *= factor
+    return float(out)
+
+
+def _milestone_factors(milestones, gamma) -> tuple[float, ...]:
     if list(milestones) != sorted(milestones) or any(m < 0 for m in milestones):
-        raise ValueError(f"milestones must be non-negative epochs in increasing order, got {list(milestones)}")
-    reached = sum(1 for milestone in milestones if math.floor(epoch) >= milestone)
-    return float(gamma ** reached)
+        raise ValueError(f"milestones must be non-negative and in increasing order, got {list(milestones)}")
+    factors = tuple(gamma) if isinstance(gamma, (tuple, list)) else (gamma,) * len(milestones)
+    if len(factors) != len(milestones):
+        raise ValueError(f"gamma has {len(factors)} factors for {len(milestones)} milestones; give one factor or one "
+                         "per milestone")
+    if not all(f > 0 for f in factors):
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    return tuple(float(f) for f in factors)
 
 
 class MultiStepLRLambda:
-    """`multistep_lr_factor` of the epoch at optimizer step `step` (`step // steps_per_epoch`), for
-    `torch.optim.lr_scheduler.LambdaLR`; a callable object, so the scheduler's `state_dict` keeps its settings."""
+    """The multiplier of `multistep_lr_factor` at optimizer step `step`, for `torch.optim.lr_scheduler.LambdaLR`.
 
-    def __init__(self, steps_per_epoch: int, milestones: tuple[int, ...] = (60, 80), gamma: float = 0.1):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}")
-        multistep_lr_factor(0, milestones=milestones, gamma=gamma)
-        self.steps_per_epoch, self.milestones, self.gamma = int(steps_per_epoch), list(milestones), float(gamma)
+    Milestones are in `unit`: `"epochs"` (0-based; the factor is constant within an epoch, `step // steps_per_epoch`),
+    `"steps"` (optimizer steps) or `"fractions"` of `total_steps` (milestone `f` takes effect from step
+    `floor(f * total_steps)`). A callable object, so the scheduler's `state_dict` keeps its settings; a pure function
+    of the step, so resuming needs no stored state.
+
+    Example:
+
+    ```python
+    schedule = MultiStepLRLambda(10, milestones=(29,), gamma=0.04)  # the official `decay_early`, 1-based epoch 30
+    [schedule(s) for s in (289, 290)]
+    # [1.0, 0.04]
+    ```
+    """
+
+    def __init__(self, steps_per_epoch: int | None = None, milestones: tuple[float, ...] = (60, 80),
+                 gamma: float | tuple[float, ...] = 0.1, *, unit: str = "epochs", total_steps: int | None = None):
+        if unit not in MILESTONE_UNITS:
+            raise ValueError(f"unknown milestone unit {unit!r}; choose one of {MILESTONE_UNITS}")
+        if unit == "epochs" and (steps_per_epoch is None or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch must be >= 1 for milestones in epochs, got {steps_per_epoch!r}")
+        if unit == "fractions":
+            if total_steps is None or total_steps < 1:
+                raise ValueError(f"total_steps must be >= 1 for milestones in fractions of training, got "
+                                 f"{total_steps!r}")
+            if any(not 0 <= m <= 1 for m in milestones):
+                raise ValueError(f"fraction milestones must be in [0, 1], got {list(milestones)}")
+        factors = _milestone_factors(milestones, gamma)
+        self.unit, self.milestones, self.gamma = unit, list(milestones), list(factors)
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        if unit == "fractions":
+            self._step_milestones = [math.floor(m * self.total_steps) for m in milestones]
+        elif unit == "steps":
+            self._step_milestones = list(milestones)
+        else:
+            self._step_milestones = None
 
     def __call__(self, step: int) -> float:
-        return multistep_lr_factor(step // self.steps_per_epoch, milestones=self.milestones, gamma=self.gamma)
+        if self._step_milestones is None:
+            return multistep_lr_factor(step // self.steps_per_epoch, milestones=self.milestones, gamma=self.gamma)
+        return multistep_lr_factor(step, milestones=self._step_milestones, gamma=self.gamma)

@@ -64,6 +64,7 @@ def step_logs(output_dir, metric):
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
     assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "label_noise.py",
+                       "large_lr.py",
                        "nested_dropout.py", "self_distillation.py", "stochnorm.py", "weight_rescaling.py",
                        "weight_selection.py", "weissi.py"]
     for name in scripts:
@@ -333,3 +334,18 @@ def test_label_noise_example_logs_sharpness_next_to_gradient_diagnostics(tmp_pat
     results = json.loads((out / "sharpness_results.json").read_text())
     assert results["eval_hessian_trace"] != 0 and "eval_hessian_top_eigenvalue" in results
     assert (out / "sharpness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_large_lr_example_tabulates_and_draws_clean_and_patch_only_accuracy(tmp_path, hub_env):
+    """2 epochs of each run on 256 images, the large LR annealed at epoch 2, noise in the small-LR run."""
+    out = tmp_path / "run"
+    proc = run_example("large_lr.py", ["--num_train_epochs", "2", "--anneal_epoch", "2", "--noise_std", "0.4", *SMOKE,
+                                       "--output_dir", out], hub_env, tmp_path)
+    assert "patch only" in proc.stdout
+    results = json.loads((out / "large_lr_results.json").read_text())
+    assert sorted(results) == ["large LR 0.1", "small LR 0.004"]
+    assert all(len(history) == 2 for history in results.values())
+    # logged after the update, like the Trainer's learning_rate: the factor of the next update
+    assert step_logs(out / "large", "hf_regtools/large_lr/lr_factor") == {1: 1.0, 2: 0.04, 3: 0.04, 4: 0.04}
+    assert sorted(set(step_logs(out / "small", "hf_regtools/large_lr/noise_level").values())) == pytest.approx([4e-6, 0.4])
+    assert (out / "large_lr.png").read_bytes()[:4] == b"\x89PNG"
