@@ -64,9 +64,8 @@ def step_logs(output_dir, metric):
 def test_every_example_documents_its_launch_lines():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
     assert scripts == ["alpha_svrg.py", "data_selection.py", "dropout_schedules.py", "gradinit.py", "label_noise.py",
-                       "large_lr.py",
-                       "nested_dropout.py", "self_distillation.py", "stochnorm.py", "weight_rescaling.py",
-                       "weight_selection.py", "weissi.py"]
+                       "large_lr.py", "nested_dropout.py", "self_distillation.py", "stochnorm.py",
+                       "weight_rescaling.py", "weight_selection.py", "weissi.py"]
     for name in scripts:
         header = (EXAMPLES / name).read_text().split('"""')[1]
         assert f"python examples/{name}" in header and f"torchrun --nproc_per_node 2 examples/{name}" in header, name
