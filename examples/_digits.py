@@ -19,6 +19,27 @@ _TIMM_MODELS = {
 }
 
 
+class DigitsMLP(torch.nn.Module):
+    """An MLP on the flattened 8x8 digits, `hidden` layers of `width` with `activation` (ReLU by default):
+    `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
+
+    def __init__(self, width: int = 256, num_labels: int = 10, *, hidden: int = 2,
+                 activation: type[torch.nn.Module] = torch.nn.ReLU):
+        super().__init__()
+        layers, inputs = [torch.nn.Flatten()], 64
+        for _ in range(hidden):
+            layers += [torch.nn.Linear(inputs, width), activation()]
+            inputs = width
+        self.layers = torch.nn.Sequential(*layers, torch.nn.Linear(inputs, num_labels))
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.layers(pixel_values)
+        outputs = {"logits": logits}
+        if labels is not None:
+            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return outputs
+
+
 def build_model(name: str, num_labels: int = 10) -> tuple[torch.nn.Module, int, int]:
     """The model named `name` (see `MODELS`) or loaded from a Hub id / folder, its image size and channel count."""
     from transformers import (AutoModelForImageClassification, ConvNextConfig, ConvNextForImageClassification,

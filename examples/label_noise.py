@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from _digits import MODELS, accuracy, build_model, digits, train_and_evaluate, trainer_defaults
+from _digits import MODELS, DigitsMLP, accuracy, build_model, digits, train_and_evaluate, trainer_defaults
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_regtools import (SHARPNESS_KEYS, GradientDiagnosticsCallback, RegtoolsTrainerMixin, SharpnessCallback,
@@ -51,22 +51,6 @@ class ExampleArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
 
 
-class MLPClassifier(torch.nn.Module):
-    """A tanh MLP on the 8x8 digits: `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
-
-    def __init__(self, width: int = 64, num_labels: int = 10):
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.Tanh(),
-                                          torch.nn.Linear(width, num_labels))
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.layers(pixel_values)
-        outputs = {"logits": logits}
-        if labels is not None:
-            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return outputs
-
-
 class LabelNoiseTrainer(RegtoolsTrainerMixin, Trainer):
     pass
 
@@ -79,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(training_args.seed)
 
     if example.model == "mlp":
-        model, size, channels = MLPClassifier(), 8, 1
+        model, size, channels = DigitsMLP(64, hidden=1, activation=torch.nn.Tanh), 8, 1
     else:
         model, size, channels = build_model(example.model)
     train = digits("train", image_size=size, channels=channels, limit=example.max_train_samples)

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from _digits import digits, trainer_defaults
+from _digits import DigitsMLP, digits, trainer_defaults
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from hf_regtools import plot_diagnostics
@@ -55,23 +55,6 @@ class ExampleArguments:
     width: int = field(default=256, metadata={"help": "hidden width of the MLP"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training images"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
-
-
-class MLPClassifier(torch.nn.Module):
-    """A ReLU MLP on the 8x8 digits: `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
-
-    def __init__(self, width: int = 256, num_labels: int = 10):
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),
-                                          torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                          torch.nn.Linear(width, num_labels))
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.layers(pixel_values)
-        outputs = {"logits": logits}
-        if labels is not None:
-            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return outputs
 
 
 class LargeLRTrainer(LargeLRTrainerMixin, Trainer):
@@ -104,7 +87,7 @@ def run(name, lr, schedule, example, training_args, train, sets, transform, nois
     accuracy = PatchAccuracyCallback(sets)
     callbacks = [PatchEpochCallback(transform), accuracy] + ([noise] if noise is not None else [])
     sgd = (torch.optim.SGD, {"lr": lr, "momentum": 0.9, "nesterov": True})  # the official optimizer
-    trainer = LargeLRTrainer(model=MLPClassifier(example.width), args=args, train_dataset=train, callbacks=callbacks,
+    trainer = LargeLRTrainer(model=DigitsMLP(example.width), args=args, train_dataset=train, callbacks=callbacks,
                              optimizer_cls_and_kwargs=sgd, large_lr=schedule)
     trainer.train()
     trainer.save_state()

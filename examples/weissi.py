@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-from _digits import accuracy, digits, train_and_evaluate, trainer_defaults
+from _digits import DigitsMLP, accuracy, digits, train_and_evaluate, trainer_defaults
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from hf_regtools import RegtoolsTrainerMixin, WeissiTrainerMixin, input_gradient_norm, product_of_norms_bound
@@ -52,29 +51,12 @@ class ExampleArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
 
 
-class MLPClassifier(torch.nn.Module):
-    """A ReLU MLP on the 8x8 digits: `forward(pixel_values, labels=None)` returns `{"loss", "logits"}`."""
-
-    def __init__(self, width: int = 256, num_labels: int = 10):
-        super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(),
-                                          torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                          torch.nn.Linear(width, num_labels))
-
-    def forward(self, pixel_values, labels=None):
-        logits = self.layers(pixel_values)
-        outputs = {"logits": logits}
-        if labels is not None:
-            outputs["loss"] = torch.nn.functional.cross_entropy(logits, labels)
-        return outputs
-
-
 def build_model(name: str, num_labels: int = 10):
     from transformers import ResNetConfig, ResNetForImageClassification, TimmWrapperConfig, \
         TimmWrapperForImageClassification
 
     if name == "mlp":
-        return MLPClassifier(num_labels=num_labels)
+        return DigitsMLP(num_labels=num_labels)
     if name == "transformers-resnet":
         config = ResNetConfig(num_channels=1, embedding_size=16, hidden_sizes=[16, 32, 64], depths=[1, 1, 1],
                               layer_type="basic", num_labels=num_labels)
