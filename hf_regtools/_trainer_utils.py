@@ -37,6 +37,13 @@ def current_loss_scale(trainer) -> float | None:
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
 
 
+def updates_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer updates per epoch as the Trainer counts them: `ceil(batches / accumulation)` (at least 1)."""
+    import math
+
+    return max(math.ceil(batches_per_epoch / gradient_accumulation_steps), 1)
+
+
 def config_from_value(config_class, value, keyword: str):
     """`value` as a `config_class` dataclass: itself, or built from a dict of its fields (an unknown key is an error
     naming the allowed ones); `keyword` is the argument's name in messages (`"weissi"` for `weissi=`)."""

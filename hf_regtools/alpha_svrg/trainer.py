@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
-from .._trainer_utils import current_loss_scale, rng_state, set_rng_state
+from .._trainer_utils import current_loss_scale, rng_state, set_rng_state, updates_per_epoch
 from ..schedules import svrg_alpha_schedule
 from ..trainer import RegtoolsTrainerMixin
 from .config import AlphaSVRGConfig
@@ -369,7 +369,7 @@ class AlphaSVRGTrainerMixin(RegtoolsTrainerMixin):
     def get_train_dataloader(self):
         dataloader = super().get_train_dataloader()
         accumulation = self.args.gradient_accumulation_steps
-        self._steps_per_epoch = max(math.ceil(len(dataloader) / accumulation), 1)
+        self._steps_per_epoch = updates_per_epoch(len(dataloader), accumulation)
         every = self.alpha_svrg.snapshot_every
         if every != "epoch" and every > self._steps_per_epoch:
             raise ValueError(f"AlphaSVRGConfig(snapshot_every={every}) is longer than an epoch "

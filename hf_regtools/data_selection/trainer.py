@@ -9,7 +9,6 @@ through the model in one forward and trains on `CE(target) + lambda_u * CE(sourc
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from .._compat import gradient_accumulation_steps, trainer_divides_loss_by_ga
-from .._trainer_utils import config_from_value
+from .._trainer_utils import config_from_value, updates_per_epoch
 from ..schedules import MultiStepLRLambda
 from ..trainer import RegtoolsTrainerMixin, save_training_args
 from .streams import SourceStream
@@ -333,7 +332,7 @@ class TwoStreamTrainerMixin(RegtoolsTrainerMixin):
         batches = self.target_batches_per_epoch
         if batches is None:
             batches = len(self.get_train_dataloader())
-        return max(math.ceil(batches / self.args.gradient_accumulation_steps), 1)
+        return updates_per_epoch(batches, self.args.gradient_accumulation_steps)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """With `lr_milestones`: the learning rate times `lr_gamma` at each milestone epoch (`MultiStepLRLambda`, a

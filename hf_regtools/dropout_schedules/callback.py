@@ -11,6 +11,7 @@ import math
 
 from transformers.trainer_callback import ExportableState
 
+from .._trainer_utils import updates_per_epoch
 from ..schedules import drop_schedule
 from ..trainer import TechniqueMetricsCallback
 from .functional import TARGETS, DropRateController
@@ -108,7 +109,7 @@ class DropScheduleCallback(TechniqueMetricsCallback, ExportableState):
     @staticmethod
     def _steps_per_epoch(args, state, train_dataloader) -> int:
         if train_dataloader is not None and hasattr(train_dataloader, "__len__"):
-            return max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+            return updates_per_epoch(len(train_dataloader), args.gradient_accumulation_steps)
         return max(state.max_steps // max(int(math.ceil(state.num_train_epochs)), 1), 1)
 
     def _cutoff_step(self, state) -> int | None:

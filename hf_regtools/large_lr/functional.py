@@ -4,7 +4,6 @@ pre-activation noise. No Trainer needed."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -193,6 +192,3 @@ def noise_level(step: int, *, std: float = 0.4, steps_per_epoch: int | None = No
                                          total_steps=total_steps)(step)
 
 
-def updates_per_epoch(batches_per_epoch: int, gradient_accumulation_steps: int = 1) -> int:
-    """Optimizer updates per epoch as the Trainer counts them: `ceil(batches / accumulation)` (at least 1)."""
-    return max(math.ceil(batches_per_epoch / gradient_accumulation_steps), 1)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from .._trainer_utils import updates_per_epoch
 from ..trainer import RegtoolsTrainerMixin, TechniqueMetricsCallback
 from .functional import (activation_noise, apply_patch, large_initial_lr_lambda, noise_generator, noise_level, patch_draws,
-                         patch_pattern, updates_per_epoch)
+                         patch_pattern)
 
 
 class LargeLRTrainerMixin(RegtoolsTrainerMixin):
