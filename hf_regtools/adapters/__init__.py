@@ -10,9 +10,9 @@ every per-family use of a module goes through it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,19 @@ class ModelFamily:
             has no such method (transformers: class and distillation tokens, position embeddings, relative position
             bias tables; ConvNeXt-V2's GRN weight, 1-D in timm).
         unsupported (`dict[str, str]`): technique name -> why the technique does not apply to this family.
+        axes (`tuple[tuple[str, tuple], ...]`): weight selection's axis names, as ordered rules `(regex, names)`: the
+            first rule whose regex matches a teacher key and whose names have one entry per axis of the tensor names
+            its axes. An entry is `None` (same length in teacher and student: kernels, tokens, vocabulary, classes),
+            `""` (an unnamed axis: one index set per `(D, d)`, e.g. image channels of a stem), or a name, or a product of factors outermost first (`"3*hidden"`, `"kv_heads*group*head_dim"`); names
+            may hold `{layer}`, `{stage}`, `{stage-1}` (groups of the regex) and `{last}` (the last stage). Every
+            tensor sharing a factor name keeps the same entries of it.
+        layers (`str`, *optional*): regex locating a key's block index (group `layer`, and `stage` for staged
+            families), for layer selection.
+        factor_sizes (`Callable`, *optional*): a model config -> the lengths of factors a tensor's shape does not give
+            (heads, head dimension).
+        paired_factors (`tuple[str, ...]`): factors selected in rotary pairs (a RoPE head dimension).
+        tied (`tuple[tuple[str, str], ...]`): `(student key regex, teacher key)`: a student tensor tied to another
+            reads that teacher tensor when the checkpoint does not store it (tied word embeddings).
     """
 
     library: str
@@ -60,6 +73,11 @@ class ModelFamily:
     attention_dropout: tuple[str, ...] = ()
     no_weight_decay: tuple[str, ...] = ()
     unsupported: dict[str, str] = field(default_factory=dict)
+    axes: tuple[tuple[str, tuple], ...] = ()
+    layers: str | None = None
+    factor_sizes: Callable[[Any], dict[str, int]] | None = None
+    paired_factors: tuple[str, ...] = ()
+    tied: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -83,7 +101,54 @@ class ModelFamily:
         axes |= {axis for pattern, axis in self.token_axes.items() if re.search(pattern, key)}
         return tuple(sorted(axes))
 
+    def axis_names(self, key: str, ndim: int, *, last_stage: int | None = None) -> tuple[str | None, ...] | None:
+        """The names of the axes of teacher tensor `key` (see `axes`), or `None` when no rule names them."""
+        for pattern, names in self.axes:
+            if len(names) == ndim and (match := re.search(pattern, key)):
+                return _format_axis_names(names, match, last_stage)
+        return None
 
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(-1)?\}")
+
+
+def _format_axis_names(names: tuple, match: re.Match, last_stage: int | None) -> tuple[str | None, ...]:
+    """Axis names with `{group}`, `{group-1}` and `{last}` filled from a key's match and the model's last stage."""
+    values = {name: value for name, value in match.groupdict().items() if value is not None}
+
+    def fill(found: re.Match) -> str:
+        if found[1] == "last":
+            if last_stage is None:
+                raise ValueError(f"axis name placeholder {{last}} in {names} needs a family with stages")
+            return str(last_stage)
+        value = values[found[1]]
+        return str(int(value) - 1) if found[2] else value
+
+    return tuple(name and _PLACEHOLDER.sub(fill, name) for name in names)
+
+
+def _linear(pattern: str, out: str | None, into: str | None, *, kernel: bool = False) -> tuple[tuple[str, tuple], ...]:
+    """Axis rules of a Linear (or, with `kernel`, also a 1x1-conv) layer's weight `[out, in]` and bias `[out]`."""
+    rules = [(pattern + r"\.weight$", (out, into)), (pattern + r"\.bias$", (out,))]
+    if kernel:
+        rules.append((pattern + r"\.weight$", (out, into, None, None)))
+    return tuple(rules)
+
+
+# ViT axes as in the paper: one `hidden` set for the residual stream and the attention width (heads are not kept
+# whole), one MLP set per block.
+_VIT_AXES = (
+    (r"(^|\.)(cls_token|reg_token|dist_token|pos_embed|position_embeddings|distillation_token|mask_token)$",
+     (None, None, "hidden")),
+    (r"(^patch_embed\.proj|patch_embeddings\.projection)\.weight$", ("hidden", "", None, None)),
+    (r"\.attn\.(q|k)_norm\.", ("",)),
+    *_linear(r"\.attn\.qkv", "3*hidden", "hidden"),
+    *_linear(r"(^|\.)(blocks|layers?)\.(?P<layer>\d+)\.(mlp\.fc1|intermediate\.dense)", "mlp{layer}", "hidden"),
+    *_linear(r"(^|\.)(blocks|layers?)\.(?P<layer>\d+)\.(mlp\.fc2|output\.dense)", "hidden", "mlp{layer}"),
+    *_linear(r"^(head|head_dist|classifier|cls_classifier|distillation_classifier)", None, "hidden"),
+    (r"", ("hidden", "hidden")),
+    (r"", ("hidden",)),
+)
 _TIMM_VIT = ModelFamily(
     library="timm", name="vit", layout="isotropic",
     signature=(r"^patch_embed\.proj\.weight$", r"^blocks\.\d+\.attn\.qkv\.weight$"),
@@ -92,13 +157,33 @@ _TIMM_VIT = ModelFamily(
     fused_qkv=r"^blocks\.\d+\.attn\.qkv\.(weight|bias)$",
     token_axes={r"^pos_embed$": 1},
     head_dropout=r"^head_drop$",
+    axes=_VIT_AXES,
+    layers=r"^blocks\.(?P<layer>\d+)\.",
 )
+# ConvNeXt axes: one channel set per stage (`c0`..), one MLP set per block; the downsampling convolution maps the
+# previous stage's channels to this stage's.
+_STAGE = r"stages\.(?P<stage>\d+)\."
+_TIMM_BLOCK = _STAGE + r"blocks\.(?P<layer>\d+)\."
 _TIMM_CONVNEXT = ModelFamily(
     library="timm", name="convnext", layout="hierarchical",
     signature=(r"^stages\.\d+\.blocks\.\d+\.conv_dw\.weight$",),
     exclude=(r"\.grn\.",),
     classifier=("head.fc.",),
     head_dropout=r"^head\.drop$",
+    axes=(
+        (r"^stem\.0\.weight$", ("c0", "", None, None)),
+        (r"^stem\.", ("c0",)),
+        (r"^" + _STAGE + r"downsample\.0\.", ("c{stage-1}",)),
+        (r"^" + _STAGE + r"downsample\.1\.weight$", ("c{stage}", "c{stage-1}", None, None)),
+        (r"^" + _TIMM_BLOCK + r"conv_dw\.weight$", ("c{stage}", None, None, None)),
+        *_linear(r"^" + _TIMM_BLOCK + r"mlp\.fc1", "mlp{stage}.{layer}", "c{stage}", kernel=True),
+        *_linear(r"^" + _TIMM_BLOCK + r"mlp\.fc2", "c{stage}", "mlp{stage}.{layer}", kernel=True),
+        (r"^" + _TIMM_BLOCK + r"mlp\.grn\.", ("mlp{stage}.{layer}",)),
+        (r"^" + _STAGE, ("c{stage}",)),
+        (r"^head\.norm\.", ("c{last}",)),
+        *_linear(r"^head\.fc", None, "c{last}"),
+    ),
+    layers=r"^" + _TIMM_BLOCK,
 )
 _SWIN_NOT_SELECTABLE = (
     "Swin's patch merging stacks 2x2 neighbouring tokens along the channel axis (4C), so one index set over 4C "
@@ -128,14 +213,32 @@ _TRANSFORMERS_VIT = ModelFamily(
     classifier=("classifier.",),
     token_axes={r"(^|\.)embeddings\.position_embeddings$": 1},
     attention_dropout=("attention_dropout", "dropout_prob"),
-    no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings)$",),
+    no_weight_decay=(r"(^|\.)embeddings\.(cls_token|position_embeddings)$",),    axes=_VIT_AXES,
+    layers=r"(^|\.)layers?\.(?P<layer>\d+)\.",
 )
+_TRANSFORMERS_BLOCK = r"(^|\.)" + _STAGE + r"layers\.(?P<layer>\d+)\."
 _TRANSFORMERS_CONVNEXT = ModelFamily(
     library="transformers", name="convnext", layout="hierarchical",
     signature=(r"(^|\.)encoder\.stages\.\d+\.layers\.\d+\.dwconv\.weight$",),
     exclude=(r"\.grn\.", r"^convnextv2\."),
     classifier=("classifier.",),
+    axes=(
+        (r"embeddings\.patch_embeddings\.weight$", ("c0", "", None, None)),
+        (r"embeddings\.(patch_embeddings|layernorm)\.", ("c0",)),
+        (_STAGE + r"downsampling_layer\.0\.", ("c{stage-1}",)),
+        (_STAGE + r"downsampling_layer\.1\.weight$", ("c{stage}", "c{stage-1}", None, None)),
+        (_TRANSFORMERS_BLOCK + r"dwconv\.weight$", ("c{stage}", None, None, None)),
+        *_linear(_TRANSFORMERS_BLOCK + r"pwconv1", "mlp{stage}.{layer}", "c{stage}"),
+        *_linear(_TRANSFORMERS_BLOCK + r"pwconv2", "c{stage}", "mlp{stage}.{layer}"),
+        (_TRANSFORMERS_BLOCK + r"grn\.", (None, None, None, "mlp{stage}.{layer}")),
+        (_STAGE, ("c{stage}",)),
+        *_linear(r"^classifier", None, "c{last}"),
+        (r"layernorm\.", ("c{last}",)),
+    ),
+    layers=_TRANSFORMERS_BLOCK,
 )
+
+from . import families  # noqa: E402  (the families of other modules, built with ModelFamily above)
 
 FAMILIES: tuple[ModelFamily, ...] = (
     _TIMM_VIT,
@@ -154,6 +257,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
             signature=(*_TRANSFORMERS_CONVNEXT.signature, r"\.grn\."), not_kernels=(r"\.grn\.(weight|bias)$",),
             no_weight_decay=(r"\.grn\.weight$",)),
     _TRANSFORMERS_SWIN,
+    *families.ALL,
 )
 
 
@@ -310,6 +414,8 @@ class StudentShape:
             the teacher's head dimension (a preset sets its own).
         mlp_ratio (`float`, *optional*): ViT MLP width over embedding width. Defaults to the teacher's ratio (a
             preset sets its own).
+        num_key_value_heads (`int`, *optional*): key/value heads of a grouped-query-attention decoder; defaults to
+            the teacher's.
     """
 
     hidden_size: int | tuple[int, ...] | None = None
@@ -318,6 +424,7 @@ class StudentShape:
     mlp_dim: int | None = None
     head_dim: int | None = None
     mlp_ratio: float | None = None
+    num_key_value_heads: int | None = None
 
     def is_empty(self) -> bool:
         return all(value is None for value in self.__dict__.values())
@@ -369,6 +476,9 @@ def vit_dims(shape: StudentShape, *, teacher_width: int, teacher_heads: int, tea
     Explicit `num_heads` / `mlp_dim` win; else the heads keep `shape.head_dim` and the MLP `shape.mlp_ratio` (set by
     presets), else the teacher's head dimension and MLP ratio.
     """
+    if shape.num_key_value_heads is not None:
+        raise ValueError("num_key_value_heads applies to grouped-query-attention decoders (Llama, Mistral, Qwen), "
+                         "not to this family; use num_heads")
     width = shape.hidden_size if shape.hidden_size is not None else teacher_width
     if not isinstance(width, int):
         raise ValueError(f"hidden_size for a ViT must be one integer, got {width!r}")
@@ -399,9 +509,10 @@ def vit_dims(shape: StudentShape, *, teacher_width: int, teacher_heads: int, tea
 def convnext_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teacher_depths: tuple[int, ...]
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Student (per-stage widths, per-stage depths) for a ConvNeXt."""
-    if any(value is not None for value in (shape.num_heads, shape.mlp_dim, shape.head_dim, shape.mlp_ratio)):
-        raise ValueError("num_heads, mlp_dim, head_dim and mlp_ratio do not apply to ConvNeXt; use hidden_size and "
-                         "depth")
+    if any(value is not None for value in (shape.num_heads, shape.mlp_dim, shape.head_dim, shape.mlp_ratio,
+                                           shape.num_key_value_heads)):
+        raise ValueError("num_heads, num_key_value_heads, mlp_dim, head_dim and mlp_ratio do not apply to a CNN; use "
+                         "hidden_size and depth")
     stages = len(teacher_widths)
     widths = shape.hidden_size if shape.hidden_size is not None else teacher_widths
     if isinstance(widths, int):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from timm.models import save_for_hf
 from timm.models import PretrainedCfg
 from timm.models._hub import load_model_config_from_path
 
-from . import ModelFamily, StudentShape, convnext_dims, vit_dims
+from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, vit_dims
 
 
 @dataclass
@@ -89,6 +90,34 @@ def _skeleton(config: TimmModelConfig, **overrides: Any) -> torch.nn.Module:
         return config.create(**overrides)
 
 
+def _vit_shape(skeleton: torch.nn.Module, args: dict[str, Any], shape: StudentShape
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    block = skeleton.blocks[0]
+    width, heads, mlp = vit_dims(shape, teacher_width=skeleton.embed_dim, teacher_heads=block.attn.num_heads,
+                                 teacher_mlp=block.mlp.fc1.out_features)
+    args.update(embed_dim=width, num_heads=heads, mlp_ratio=mlp / width,
+                depth=shape.depth if shape.depth is not None else len(skeleton.blocks))
+    if not isinstance(args["depth"], int):
+        raise ValueError(f"depth for a ViT must be one integer, got {args['depth']!r}")
+    return ("embed_dim", "num_heads", "mlp_ratio"), ("depth",)
+
+
+def _convnext_shape(skeleton: torch.nn.Module, args: dict[str, Any], shape: StudentShape
+                    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    widths = tuple(stage.blocks[0].conv_dw.out_channels for stage in skeleton.stages)
+    depths = tuple(len(stage.blocks) for stage in skeleton.stages)
+    args["dims"], args["depths"] = convnext_dims(shape, teacher_widths=widths, teacher_depths=depths)
+    return ("dims",), ("depths",)
+
+
+# Family name -> how a student's shape overrides the teacher's `model_args` (in place), given the teacher's skeleton;
+# returns the `model_args` keys that set widths and those that set depths.
+SHAPE_RULES: dict[str, Callable[[torch.nn.Module, dict[str, Any], StudentShape],
+                                tuple[tuple[str, ...], tuple[str, ...]]]] = {
+    "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
+}
+
+
 def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelFamily,
                    num_classes: int | None = None) -> TimmModelConfig:
     """The student's config: the teacher's with the student's architecture overrides applied.
@@ -98,22 +127,11 @@ def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelF
     architecture with the student's shape in `model_args`. `pretrained_cfg` keeps the source's input preprocessing
     and drops what describes the source's weights (tag, Hub id, license, labels of another label space).
     """
-    skeleton = _skeleton(teacher)
+    if family.name not in SHAPE_RULES:
+        raise UnsupportedModelError(f"cannot build a timm {family.name} student from a shape; pass the student's "
+                                    "config (a folder or Hub id) instead")
     args = dict(teacher.model_args)
-    if family.layout == "isotropic":
-        block = skeleton.blocks[0]
-        width, heads, mlp = vit_dims(shape, teacher_width=skeleton.embed_dim, teacher_heads=block.attn.num_heads,
-                                     teacher_mlp=block.mlp.fc1.out_features)
-        args.update(embed_dim=width, num_heads=heads, mlp_ratio=mlp / width,
-                    depth=shape.depth if shape.depth is not None else len(skeleton.blocks))
-        if not isinstance(args["depth"], int):
-            raise ValueError(f"depth for a ViT must be one integer, got {args['depth']!r}")
-        width_keys, depth_keys = ("embed_dim", "num_heads", "mlp_ratio"), ("depth",)
-    else:
-        widths = tuple(stage.blocks[0].conv_dw.out_channels for stage in skeleton.stages)
-        depths = tuple(len(stage.blocks) for stage in skeleton.stages)
-        args["dims"], args["depths"] = convnext_dims(shape, teacher_widths=widths, teacher_depths=depths)
-        width_keys, depth_keys = ("dims",), ("depths",)
+    width_keys, depth_keys = SHAPE_RULES[family.name](_skeleton(teacher), args, shape)
     classes = num_classes if num_classes is not None else teacher.num_classes
     pretrained_cfg = {key: value for key, value in teacher.pretrained_cfg.items() if key in DATA_FIELDS}
     if classes == teacher.num_classes:

@@ -4,6 +4,7 @@ for ConvNeXt and Swin."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,22 +43,35 @@ def with_metadata(config: PretrainedConfig, **metadata) -> PretrainedConfig:
     return config
 
 
+def _vit_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    width, heads, mlp = vit_dims(shape, teacher_width=config.hidden_size, teacher_heads=config.num_attention_heads,
+                                 teacher_mlp=config.intermediate_size)
+    depth = shape.depth if shape.depth is not None else config.num_hidden_layers
+    if not isinstance(depth, int):
+        raise ValueError(f"depth for a ViT must be one integer, got {depth!r}")
+    config.hidden_size, config.num_attention_heads, config.intermediate_size = width, heads, mlp
+    config.num_hidden_layers = depth
+
+
+def _convnext_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    widths, depths = convnext_dims(shape, teacher_widths=tuple(config.hidden_sizes), teacher_depths=tuple(config.depths))
+    config.hidden_sizes, config.depths = list(widths), list(depths)
+
+
+# Family name -> how a student's shape overrides a copy of the teacher's config (in place).
+SHAPE_RULES: dict[str, Callable[[PretrainedConfig, StudentShape], None]] = {
+    "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
+}
+
+
 def student_config(teacher: PretrainedConfig, shape: StudentShape, family: ModelFamily,
                    num_labels: int | None = None) -> PretrainedConfig:
-    """A copy of the teacher's config with the student's architecture overrides applied."""
+    """A copy of the teacher's config with the student's architecture overrides applied (`SHAPE_RULES`)."""
+    if family.name not in SHAPE_RULES:
+        raise UnsupportedModelError(f"cannot build a transformers {family.name} student from a shape; pass the "
+                                    "student's config (a folder or Hub id) instead")
     config = copy.deepcopy(teacher)
-    if family.layout == "isotropic":
-        width, heads, mlp = vit_dims(shape, teacher_width=teacher.hidden_size, teacher_heads=teacher.num_attention_heads,
-                                     teacher_mlp=teacher.intermediate_size)
-        depth = shape.depth if shape.depth is not None else teacher.num_hidden_layers
-        if not isinstance(depth, int):
-            raise ValueError(f"depth for a ViT must be one integer, got {depth!r}")
-        config.hidden_size, config.num_attention_heads, config.intermediate_size = width, heads, mlp
-        config.num_hidden_layers = depth
-    else:
-        widths, depths = convnext_dims(shape, teacher_widths=tuple(teacher.hidden_sizes),
-                                       teacher_depths=tuple(teacher.depths))
-        config.hidden_sizes, config.depths = list(widths), list(depths)
+    SHAPE_RULES[family.name](config, shape)
     if num_labels is not None and num_labels != config.num_labels:
         config.num_labels = num_labels
         config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}

@@ -9,27 +9,32 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 _LAZY = {
-    "IndexPlan": ".functional",
+    "IndexPlan": ".axes",
     "SelectedStudent": ".student",
     "SelectionReport": ".functional",
     "WeightSelectionConfig": ".config",
-    "WeightSelectionError": ".functional",
-    "consecutive_indices": ".functional",
+    "WeightSelectionError": ".axes",
+    "consecutive_indices": ".axes",
     "initialize_student": ".student",
+    "layer_map": ".layers",
+    "rotary_pair_indices": ".axes",
+    "top_indices": ".axes",
     "model_card": ".student",
-    "random_indices": ".functional",
+    "random_indices": ".axes",
     "save_student": ".student",
     "select_tensor": ".functional",
     "select_weights": ".functional",
-    "uniform_indices": ".functional",
+    "uniform_indices": ".axes",
 }
 
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:
     from .config import WeightSelectionConfig
-    from .functional import (IndexPlan, SelectionReport, WeightSelectionError, consecutive_indices, random_indices,
-                             select_tensor, select_weights, uniform_indices)
+    from .axes import (IndexPlan, WeightSelectionError, consecutive_indices, random_indices, rotary_pair_indices,
+                       top_indices, uniform_indices)
+    from .functional import SelectionReport, select_tensor, select_weights
+    from .layers import layer_map
     from .student import SelectedStudent, initialize_student, model_card, save_student
 
 

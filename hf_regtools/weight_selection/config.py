@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SELECTION_MODES = ("uniform", "consecutive", "random")
+SELECTION_MODES = ("uniform", "consecutive", "random", "importance")
 QKV_MODES = ("per_chunk", "fused")
 SKIP_RULES = ("classifier", "official")
 
@@ -14,7 +14,8 @@ class WeightSelectionConfig:
     """How to select the student's weights from the teacher's (see `select_weights`)."""
 
     mode: str = field(default="uniform", metadata={
-        "help": f"element selection: one of {SELECTION_MODES} (random keeps consistency: one index set per (D, d))",
+        "help": f"element selection: one of {SELECTION_MODES} (random keeps consistency: one index set per axis; "
+                "importance needs calibration data)",
         "choices": SELECTION_MODES})
     qkv_mode: str = field(default="per_chunk", metadata={
         "help": "fused qkv tensors: select each q/k/v chunk on its own (per_chunk), or the stacked tensor as a "
@@ -27,6 +28,10 @@ class WeightSelectionConfig:
     reshape_1x1: bool = field(default=False, metadata={
         "help": "let Linear weights initialize 1x1 convolutions and back (timm ConvNeXt conv_mlp)"})
     seed: int = field(default=0, metadata={"help": "seed of the random selection mode"})
+    layers: str = field(default="first", metadata={
+        "help": "which teacher blocks the student's blocks read: first (the paper's first-N), last, even (evenly "
+                "spaced), or teacher block indices such as 0,2,5 (one list per stage separated by ';' for staged "
+                "families: 0,1;0,2;0,3,5;0,1)"})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,11 +2,12 @@
 
 Three steps, as in the paper and `OscarXZQ/weight-selection`:
 
-1. *layer selection*: student key `blocks.i` (or `stages.s.blocks.j`) reads the teacher tensor with the same key,
-   so the first N blocks (per stage) of the teacher are used;
+1. *layer selection*: student key `blocks.i` (or `stages.s.blocks.j`) reads the teacher tensor of block `i`, so the
+   first N blocks (per stage) of the teacher are used; last-N, evenly spaced and explicit lists are options;
 2. *component mapping*: same key name, same role;
-3. *element selection*: along every axis the student keeps `d` of the teacher's `D` entries. The index set
-   depends only on `(D, d)`, so every tensor sharing a hidden dimension keeps the same channels (consistency).
+3. *element selection*: along every axis the student keeps `d` of the teacher's `D` entries. The family names every
+   axis (`ModelFamily.axes`) and one index set is drawn per name, so every tensor sharing a dimension keeps the same
+   channels (consistency). With the uniform rule this is the official code's one set per `(D, d)`.
 """
 
 from __future__ import annotations
@@ -21,76 +22,14 @@ from typing import Literal
 import torch
 
 from ..adapters import ModelFamily, UnsupportedModelError, detect_family, find_supported_model
-from .config import QKV_MODES, SELECTION_MODES, SKIP_RULES
+from .axes import (IndexPlan, WeightSelectionError, consecutive_indices, random_indices, top_indices,  # noqa: F401
+                   uniform_indices)
+from .config import QKV_MODES, SKIP_RULES
+from .layers import LayerChoice, block_depths, layer_map, teacher_key
 
-SelectionMode = Literal["uniform", "consecutive", "random"]
+SelectionMode = Literal["uniform", "consecutive", "random", "importance"]
 QKVMode = Literal["per_chunk", "fused"]
 SkipRule = Literal["classifier", "official"] | Callable[[str], bool]
-
-
-class WeightSelectionError(ValueError):
-    """A teacher/student pair or an argument that weight selection cannot work with."""
-
-
-def uniform_indices(teacher_dim: int, student_dim: int) -> torch.Tensor:
-    """Uniformly spaced indices: `[0, r, 2r, ...]` for an integer ratio `r = D/d`, else `round(linspace(0, D-1, d))`.
-
-    This is the official rule after `OscarXZQ/weight-selection` PR #8 (round half to even, float32 linspace).
-
-    Example:
-
-    ```python
-    uniform_indices(10, 4).tolist()  # [0, 3, 6, 9]
-    ```
-    """
-    _check_dims(teacher_dim, student_dim)
-    if teacher_dim % student_dim == 0:
-        return torch.arange(0, teacher_dim, teacher_dim // student_dim)
-    return torch.round(torch.linspace(0, teacher_dim - 1, student_dim)).long()
-
-
-def consecutive_indices(teacher_dim: int, student_dim: int) -> torch.Tensor:
-    """The first `d` indices (the paper's "consecutive" ablation)."""
-    _check_dims(teacher_dim, student_dim)
-    return torch.arange(student_dim)
-
-
-def random_indices(teacher_dim: int, student_dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """`d` distinct indices drawn at random, sorted (the paper's "random with consistency" ablation when reused)."""
-    _check_dims(teacher_dim, student_dim)
-    return torch.randperm(teacher_dim, generator=generator)[:student_dim].sort().values
-
-
-def _check_dims(teacher_dim: int, student_dim: int) -> None:
-    if not 0 < student_dim <= teacher_dim:
-        raise WeightSelectionError(f"cannot select {student_dim} of {teacher_dim} entries")
-
-
-class IndexPlan:
-    """Index sets by `(D, d)`, drawn once and reused for every tensor so that selection stays consistent.
-
-    Args:
-        mode (`str`, *optional*, defaults to `"uniform"`): one of `"uniform"`, `"consecutive"`, `"random"`.
-        seed (`int`, *optional*, defaults to 0): seed of the `"random"` mode (torch RNG).
-    """
-
-    def __init__(self, mode: SelectionMode = "uniform", *, seed: int = 0):
-        if mode not in SELECTION_MODES:
-            raise WeightSelectionError(f"unknown selection mode {mode!r}; choose one of {SELECTION_MODES}")
-        self.mode = mode
-        self.generator = torch.Generator().manual_seed(seed)
-        self.sets: dict[tuple[int, int], torch.Tensor] = {}
-
-    def __call__(self, teacher_dim: int, student_dim: int) -> torch.Tensor:
-        key = (teacher_dim, student_dim)
-        if key not in self.sets:
-            if self.mode == "uniform":
-                self.sets[key] = uniform_indices(*key)
-            elif self.mode == "consecutive":
-                self.sets[key] = consecutive_indices(*key)
-            else:
-                self.sets[key] = random_indices(*key, generator=self.generator)
-        return self.sets[key]
 
 
 def select_tensor(
@@ -100,6 +39,7 @@ def select_tensor(
     plan: IndexPlan | None = None,
     qkv_chunks: int = 1,
     fixed_axes: tuple[int, ...] = (),
+    axes: tuple[str | None, ...] | None = None,
     name: str = "tensor",
 ) -> torch.Tensor:
     """Select a sub-tensor of `shape` from `tensor`, axis by axis.
@@ -112,10 +52,17 @@ def select_tensor(
             selected on its own (`qkv_mode="per_chunk"`).
         fixed_axes (`tuple[int, ...]`, *optional*): axes that must have the same length in both (kernel sizes,
             positional-embedding tokens).
+        axes (`tuple`, *optional*): the name of every axis (`ModelFamily.axes`): `None` for an axis that must have the
+            same length in both, `""` for an unnamed one (one index set per `(D, d)`), else the axis's factor names
+            (`"hidden"`, `"3*hidden"`); replaces `qkv_chunks` and `fixed_axes`.
         name (`str`, *optional*): the tensor's key, used in error messages.
     """
     plan = plan or IndexPlan()
     shape = tuple(shape)
+    if axes is not None:
+        if len(axes) != len(shape):
+            raise WeightSelectionError(f"{name!r}: {len(axes)} axis names for {len(shape)} axes")
+        fixed_axes, qkv_chunks = tuple(axis for axis, names in enumerate(axes) if names is None), 1
     if tensor.ndim != len(shape):
         raise WeightSelectionError(f"{name!r}: teacher has {tensor.ndim} axes {tuple(tensor.shape)}, student {len(shape)} {shape}")
     for axis, (teacher_dim, student_dim) in enumerate(zip(tensor.shape, shape)):
@@ -133,7 +80,9 @@ def select_tensor(
     for axis, (teacher_dim, student_dim) in enumerate(zip(tensor.shape, shape)):
         if teacher_dim == student_dim:
             continue
-        if axis == 0 and qkv_chunks > 1:
+        if axes is not None and axes[axis]:
+            index = plan.axis(axes[axis], teacher_dim, student_dim, key=name)
+        elif axis == 0 and qkv_chunks > 1:
             if teacher_dim % qkv_chunks or student_dim % qkv_chunks:
                 raise WeightSelectionError(f"{name!r}: axis 0 ({teacher_dim} -> {student_dim}) is not {qkv_chunks} equal chunks")
             chunk = plan(teacher_dim // qkv_chunks, student_dim // qkv_chunks)
@@ -153,16 +102,24 @@ class SelectionReport:
         loaded (`list[str]`): student keys initialized from the teacher.
         skipped (`dict[str, str]`): student keys left at their initialization, with the reason.
         teacher_unused (`list[str]`): teacher keys never read (deeper blocks, heads, pooler ...).
-        index_sets (`dict[tuple[int, int], torch.Tensor]`): the index set used for each `(D, d)`.
+        index_sets (`dict`): the index set of each axis factor name (`"hidden"`, `"mlp3"`, `"c1"`), and of each
+            `(D, d)` for axes no rule of the family names.
         settings (`dict`): the selection settings, as recorded in model cards.
+        layer_map (`dict[str, list[int]]`): for each stage (`""` without stages), the teacher block each student
+            block reads.
+        axes (`dict[str, tuple]`): the axis names of each selected student key (see `ModelFamily.axes`).
+        sources (`dict[str, str]`): the teacher key each selected student key was read from.
     """
 
     family: str
     loaded: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     teacher_unused: list[str] = field(default_factory=list)
-    index_sets: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    index_sets: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    layer_map: dict[str, list[int]] = field(default_factory=dict)
+    axes: dict[str, tuple] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return (f"weight selection ({self.family}): {len(self.loaded)} tensors selected, {len(self.skipped)} kept "
@@ -179,6 +136,10 @@ def select_weights(
     keep_classifier: bool = False,
     reshape_1x1: bool = False,
     seed: int = 0,
+    layers: LayerChoice = "first",
+    scores: Mapping[str, torch.Tensor] | None = None,
+    teacher_config=None,
+    student_config=None,
     progress: bool | None = None,
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
@@ -193,8 +154,9 @@ def select_weights(
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
         student (`nn.Module` or `MutableMapping[str, Tensor]`): the student, updated in place (a module keeps its
             `Parameter` objects; a state dict gets new tensors).
-        mode (`str`, *optional*, defaults to `"uniform"`): element selection, `"uniform"`, `"consecutive"` or
-            `"random"` (random with consistency: one random index set per `(D, d)`).
+        mode (`str`, *optional*, defaults to `"uniform"`): element selection, `"uniform"`, `"consecutive"`,
+            `"random"` (random with consistency: one random index set per axis name) or `"importance"` (the entries
+            of highest `scores`).
         qkv_mode (`str`, *optional*, defaults to `"per_chunk"`): fused qkv tensors (timm ViT) are selected per q/k/v
             chunk; `"fused"` reproduces the official code, which selects the stacked tensor as a whole.
         skip (`str` or `Callable[[str], bool]`, *optional*, defaults to `"classifier"`): keys that keep the student's
@@ -206,6 +168,14 @@ def select_weights(
         reshape_1x1 (`bool`, *optional*, defaults to `False`): allow a Linear `[o, i]` weight to initialize a 1x1
             convolution `[o, i, 1, 1]` and back (timm ConvNeXt `conv_mlp`).
         seed (`int`, *optional*, defaults to 0): seed of `mode="random"`.
+        layers (`str` or `list`, *optional*, defaults to `"first"`): which teacher blocks the student's blocks read:
+            `"first"` (the paper's first-N), `"last"`, `"even"` (evenly spaced), or the teacher block indices (one
+            list per stage for staged families); see `layers.layer_map`.
+        scores (`Mapping[str, Tensor]`, *optional*): importance of every teacher entry by axis factor name, for
+            `mode="importance"` (`importance_scores`).
+        teacher_config, student_config (*optional*): the models' configs, needed for families whose axes have
+            factors a shape cannot give (heads and head dimension of language models) when teacher or student is a
+            state dict; taken from modules by default.
         progress (`bool`, *optional*): show a progress bar over the tensors on stderr. By default it shows when stderr
             is a terminal, unless progress bars are disabled (`HF_HUB_DISABLE_PROGRESS_BARS=1`,
             `huggingface_hub.utils.disable_progress_bars()`).
@@ -228,7 +198,6 @@ def select_weights(
         raise WeightSelectionError(f"unknown qkv_mode {qkv_mode!r}; choose one of {QKV_MODES}")
     if not callable(skip) and skip not in SKIP_RULES:
         raise WeightSelectionError(f"unknown skip rule {skip!r}; choose one of {SKIP_RULES} or pass a callable")
-    plan = IndexPlan(mode, seed=seed)
     if isinstance(student, torch.nn.Module):
         student = find_supported_model(student, role="student", technique="weight_selection").module
     if isinstance(teacher, torch.nn.Module):
@@ -238,7 +207,11 @@ def select_weights(
     family = _matching_family(teacher_tensors, student_tensors)
     skipped = _skipped_keys(family, student_tensors, skip, keep_classifier)
 
-    missing = [key for key in student_tensors if key not in skipped and key not in teacher_tensors]
+    selected_keys = [key for key in student_tensors if key not in skipped]
+    teacher_depths = block_depths(family.layers, teacher_tensors)
+    mapping = layer_map(layers, teacher_depths, block_depths(family.layers, student_tensors)) if family.layers else {}
+    sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
+    missing = [key for key, source in sources.items() if source not in teacher_tensors]
     if missing:
         raise WeightSelectionError(
             f"{len(missing)} student tensors have no teacher counterpart: {_preview(missing)}. The student must be "
@@ -247,18 +220,28 @@ def select_weights(
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
 
-    report = SelectionReport(family=family.label, skipped=skipped, index_sets=plan.sets,
+    plan = IndexPlan(mode, seed=seed, scores=scores, paired=family.paired_factors,
+                     teacher_sizes=_factor_sizes(family, teacher_config, teacher),
+                     student_sizes=_factor_sizes(family, student_config, student))
+    stages = [int(stage) for stage in teacher_depths if stage.isdigit()]
+    last_stage = max(stages) if stages else None
+    report = SelectionReport(family=family.label, skipped=skipped, index_sets=plan.sets, layer_map=mapping,
+                             sources=sources,
                              settings=dict(mode=mode, qkv_mode=qkv_mode, seed=seed, keep_classifier=keep_classifier,
-                                           reshape_1x1=reshape_1x1,
+                                           reshape_1x1=reshape_1x1, layers=layers,
                                            skip=skip if isinstance(skip, str) else getattr(skip, "__name__", "custom")))
-    selected_keys = [key for key in student_tensors if key not in skipped]
+    if hasattr(teacher_tensors, "plan_reads"):
+        teacher_tensors.plan_reads(list(dict.fromkeys(sources.values())))
     for key in _progress(selected_keys, progress):
-        target = student_tensors[key]
-        chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(key) else 1
-        with _borrowed(teacher_tensors, key) as teacher_tensor:
+        target, source_key = student_tensors[key], sources[key]
+        with _borrowed(teacher_tensors, source_key) as teacher_tensor:
             source = _match_ndim(teacher_tensor, tuple(target.shape), key, reshape_1x1)
-            selected = select_tensor(source, target.shape, plan=plan, qkv_chunks=chunks, name=key,
-                                     fixed_axes=family.fixed_axes(key, source.ndim))
+            axes = family.axis_names(source_key, source.ndim, last_stage=last_stage)
+            if axes is not None and qkv_mode == "fused" and family.is_fused_qkv(source_key):
+                axes = ("", *axes[1:])
+            chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(source_key) else 1
+            selected = select_tensor(source, target.shape, plan=plan, qkv_chunks=chunks, name=key, axes=axes,
+                                     fixed_axes=family.fixed_axes(source_key, source.ndim))
             if isinstance(student, torch.nn.Module):
                 with torch.no_grad():
                     target.copy_(selected)
@@ -266,8 +249,28 @@ def select_weights(
                 student[key] = selected.to(dtype=target.dtype, device=target.device, copy=True)
             del teacher_tensor, source, selected  # keep at most one teacher tensor alive
         report.loaded.append(key)
-    report.teacher_unused = [key for key in teacher_tensors if key not in student_tensors]
+        report.axes[key] = axes
+    read = set(sources.values())
+    report.teacher_unused = [key for key in teacher_tensors if key not in read]
     return report
+
+
+def _source_key(family: ModelFamily, key: str, mapping: dict[str, list[int]], teacher_tensors) -> str:
+    """The teacher key student `key` reads: its block mapped by layer selection, or the tensor it is tied to."""
+    source = teacher_key(family.layers, key, mapping)
+    if source not in teacher_tensors:
+        for pattern, tied_to in family.tied:
+            if re.search(pattern, key) and tied_to in teacher_tensors:
+                return tied_to
+    return source
+
+
+def _factor_sizes(family: ModelFamily, config, model) -> dict[str, int]:
+    if family.factor_sizes is None:
+        return {}
+    if config is None and isinstance(model, torch.nn.Module):
+        config = getattr(model, "config", None)
+    return family.factor_sizes(config) if config is not None else {}
 
 
 def _progress(keys: list[str], progress: bool | None):

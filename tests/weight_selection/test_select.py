@@ -31,14 +31,25 @@ def test_every_family_selects_all_but_the_classifier(library, family):
         assert transformers_checkpoint_key_map(student, teacher_sd) == {k: k for k in student_sd if k in teacher_sd}
     for key in report.loaded:
         expected = teacher_sd[key]
+        assert report.axes[key] is not None, f"{key}: no axis rule of {family} names it"
         for axis, (D, d) in enumerate(zip(expected.shape, student_sd[key].shape)):
-            if D != d:
-                index = report.index_sets[(D // 3, d // 3)] if key.endswith(("qkv.weight", "qkv.bias")) and axis == 0 \
-                    else report.index_sets[(D, d)]
-                if key.endswith(("qkv.weight", "qkv.bias")) and axis == 0:
-                    index = torch.cat([index + i * (D // 3) for i in range(3)])
-                expected = expected.index_select(axis, index)
+            name = report.axes[key][axis]
+            if name is None:
+                assert D == d, key
+            elif D != d:
+                expected = expected.index_select(axis, _composed_index(report.index_sets, name, D))
         assert torch.equal(student_sd[key], expected), key
+
+
+def _composed_index(index_sets, name: str, length: int) -> torch.Tensor:
+    """The indices of an axis `name` (`"c1"`, `"3*hidden"`) from the report's per-factor sets, composed here."""
+    if name == "":
+        return next(index for key, index in index_sets.items() if isinstance(key, tuple) and key[0] == length)
+    chunks, _, factor = name.rpartition("*")
+    index = index_sets[factor]
+    if chunks:
+        index = torch.cat([index + i * (length // int(chunks)) for i in range(int(chunks))])
+    return index
 
 
 def test_tiny_teachers_cover_exactly_the_supported_families():
@@ -71,7 +82,7 @@ def test_consistency_timm_vit_patch_embedding():
         assert torch.equal(s[key], t[key][..., idx]), key
     assert torch.equal(s["blocks.0.mlp.fc1.weight"], t["blocks.0.mlp.fc1.weight"][uniform_indices(32, 16)][:, idx])
     assert torch.equal(s["blocks.0.attn.proj.weight"], t["blocks.0.attn.proj.weight"][idx][:, idx])
-    assert report.index_sets[(8, 4)].tolist() == idx.tolist()
+    assert report.index_sets["hidden"].tolist() == idx.tolist()
 
 
 def test_consistency_transformers_vit_and_classifier_never_copied():
@@ -221,11 +232,11 @@ def test_modes_keep_consistency():
     for mode in ("consecutive", "random"):
         student = timm_vit(embed_dim=8, depth=2, num_heads=1)
         report = select_weights(teacher, student, mode=mode, seed=1)
-        idx = report.index_sets[(16, 8)]
+        idx = report.index_sets["hidden"]
         x = torch.randn(1, 3, 16, 16)
         assert torch.equal(student.patch_embed(x), teacher.patch_embed(x)[..., idx])
         assert torch.equal(student.norm.weight, teacher.norm.weight[idx])
-    assert report.index_sets[(16, 8)].tolist() != list(range(8))
+    assert report.index_sets["hidden"].tolist() != list(range(8))
 
 
 def test_reshape_1x1_for_timm_convnext_conv_mlp():
@@ -242,7 +253,7 @@ def test_reshape_1x1_for_timm_convnext_conv_mlp():
 
 def test_error_paths():
     torch.manual_seed(0)
-    with pytest.raises(WeightSelectionError, match=r"no teacher counterpart.*blocks\.2"):
+    with pytest.raises(WeightSelectionError, match=r"the student has 4 blocks, the teacher 2"):
         select_weights(timm_vit(depth=2), timm_vit(embed_dim=8, depth=4, num_heads=1))
     with pytest.raises(WeightSelectionError, match="larger than the teacher"):
         select_weights(timm_vit(embed_dim=8, num_heads=1), timm_vit(embed_dim=16))

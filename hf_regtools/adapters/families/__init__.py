@@ -1,0 +1,10 @@
+"""Model families beyond ViT, ConvNeXt and Swin, one module per family group.
+
+Each module defines `FAMILIES`, a tuple of `ModelFamily`; `ALL` gathers them for `hf_regtools.adapters.FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from .. import ModelFamily
+
+ALL: tuple[ModelFamily, ...] = ()
