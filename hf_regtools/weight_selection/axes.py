@@ -9,6 +9,7 @@ one index set per `(D, d)` pair, the rule of the official code.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import torch
@@ -75,6 +76,11 @@ def _check_dims(teacher_dim: int, student_dim: int) -> None:
         raise WeightSelectionError(f"cannot select {student_dim} of {teacher_dim} entries")
 
 
+def _per_block_base(name: str) -> str:
+    """The name of a per-block factor without its block index (`"heads3"` -> `"heads"`, `"mlp2.8"` -> `"mlp"`)."""
+    return re.sub(r"[\d.]+$", "", name)
+
+
 class IndexPlan:
     """Index sets by axis factor name (and by `(D, d)` for unnamed axes), drawn once and reused for every tensor.
 
@@ -84,7 +90,8 @@ class IndexPlan:
         seed (`int`, *optional*, defaults to 0): seed of the `"random"` mode (torch RNG).
         scores (`Mapping[str, Tensor]`, *optional*): importance of every teacher entry of a factor, by factor name.
         teacher_sizes, student_sizes (`Mapping[str, int]`, *optional*): lengths of factors that a tensor's shape
-            alone does not give (heads, head dimension), from the family's `factor_sizes`.
+            alone does not give (heads, head dimension), from the family's `factor_sizes`; a per-block factor
+            (`"heads3"`) takes the length of its base name (`"heads"`) when not given on its own.
         paired (`tuple[str, ...]`, *optional*): factors selected in rotary pairs (`rotary_pair_indices`).
     """
 
@@ -158,7 +165,7 @@ class IndexPlan:
     @staticmethod
     def _factor_lengths(factors: list[str], total: int, sizes: Mapping[str, int], role: str, spec: str,
                         key: str) -> list[int]:
-        known = [int(f) if f.isdigit() else sizes.get(f) for f in factors]
+        known = [int(f) if f.isdigit() else sizes.get(f, sizes.get(_per_block_base(f))) for f in factors]
         unknown = [i for i, length in enumerate(known) if length is None]
         if len(unknown) > 1:
             raise WeightSelectionError(

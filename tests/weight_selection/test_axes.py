@@ -18,6 +18,12 @@ def test_a_factor_gets_one_index_set_and_products_compose_outermost_first():
     assert plan.axis("3*hidden", 3 * 8, 3 * 4).tolist() == [c * 8 + j for c in range(3) for j in [0, 2, 4, 6]]
 
 
+def test_per_block_factors_take_the_length_of_their_base_name():
+    plan = IndexPlan(teacher_sizes={"heads": 4}, student_sizes={"heads": 2})
+    plan.axis("heads3*head_dim", 24, 6)
+    assert plan.sets["heads3"].tolist() == [0, 2] and plan.sets["head_dim"].tolist() == [0, 2, 4]
+
+
 def test_same_lengths_under_different_names_get_their_own_sets_and_a_name_keeps_its_lengths():
     plan = IndexPlan("random", seed=0)
     first, second = plan.factor("hidden", 64, 16), plan.factor("kv_heads*head_dim".split("*")[1], 64, 16)
