@@ -76,10 +76,16 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--revision", help="teacher revision (branch, tag or commit)")
     select.add_argument("--student", help=f"preset (one of {', '.join(PRESETS)}), Hub id or folder of the student's "
                                           "config; default: the teacher's config with the overrides below")
-    select.add_argument("--hidden-size", type=_int_or_list, help="ViT width, or ConvNeXt widths per stage (a,b,c,d)")
-    select.add_argument("--depth", type=_int_or_list, help="ViT blocks, or ConvNeXt blocks per stage (a,b,c,d)")
-    select.add_argument("--num-heads", type=int, help="ViT attention heads (default: keep the head dimension)")
-    select.add_argument("--mlp-dim", type=int, help="ViT MLP width (default: keep the MLP ratio)")
+    select.add_argument("--hidden-size", type=_int_or_list, help="ViT or decoder width, or ConvNeXt widths per stage "
+                                                                 "(a,b,c,d)")
+    select.add_argument("--depth", type=_int_or_list, help="ViT or decoder blocks, or ConvNeXt blocks per stage "
+                                                           "(a,b,c,d)")
+    select.add_argument("--num-heads", type=int, help="attention (query) heads (default: keep the head dimension)")
+    select.add_argument("--num-key-value-heads", type=int, help="key/value heads of a grouped-query-attention "
+                                                                "decoder (default: keep the query heads per group)")
+    select.add_argument("--head-dim", type=int, help="decoder head dimension (default: the teacher's; a smaller one "
+                                                     "keeps rotary pairs together)")
+    select.add_argument("--mlp-dim", type=int, help="MLP width (default: keep the MLP ratio)")
     select.add_argument("--num-labels", type=int, help="student classes (default: the teacher's)")
     _add_dataclass_options(select, WeightSelectionConfig)
     select.add_argument("--output", required=True, help="output folder (weights, config, model card); an existing "
@@ -228,6 +234,7 @@ def _select(args: argparse.Namespace) -> int:
     config = WeightSelectionConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(WeightSelectionConfig)})
     result = initialize_student(args.teacher, args.student, revision=args.revision, hidden_size=args.hidden_size,
                                 depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim,
+                                num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
                                 num_labels=args.num_labels, config=config)
     return save_and_push(result, output, args, push_id=push_id, summary=str(result.report),
                          commit_message=f"Weight selection from {result.teacher}")

@@ -33,7 +33,11 @@ from huggingface_hub.errors import (
 from ._compat import hub_client_errors
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-PREPROCESSING_FILES: dict[str, tuple[str, ...]] = {"image processor": ("preprocessor_config.json",)}
+PREPROCESSING_FILES: dict[str, tuple[str, ...]] = {
+    "image processor": ("preprocessor_config.json",),
+    "tokenizer": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja"),
+}
 """Files that prepare a model's inputs, by kind: fetched with its config, copied to a student that keeps what they
 depend on (tokenizer files belong here too)."""
 CONFIG_PATTERNS = ("config.json", "*.md", *(name for files in PREPROCESSING_FILES.values() for name in files))

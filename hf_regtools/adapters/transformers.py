@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,9 +59,57 @@ def _convnext_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     config.hidden_sizes, config.depths = list(widths), list(depths)
 
 
+def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    from .families.llama import attention_sizes
+
+    teacher = attention_sizes(config)
+    width = shape.hidden_size if shape.hidden_size is not None else config.hidden_size
+    depth = shape.depth if shape.depth is not None else config.num_hidden_layers
+    if not isinstance(width, int) or not isinstance(depth, int):
+        raise ValueError(f"hidden_size and depth of a decoder are single integers, got {width!r} and {depth!r}")
+    head_dim = shape.head_dim or teacher["head_dim"]
+    heads = shape.num_heads
+    if heads is None:
+        if width % head_dim:
+            raise ValueError(f"hidden_size {width} is not a multiple of the head dimension {head_dim}; pass the number "
+                             "of heads (--num-heads, or num_heads=) or another head dimension (--head-dim)")
+        heads = width // head_dim
+    kv_heads = shape.num_key_value_heads
+    if kv_heads is None:
+        if heads % teacher["group"]:
+            raise ValueError(f"{heads} query heads do not make whole groups of the teacher's {teacher['group']} query "
+                             "heads per key/value head; pass --num-key-value-heads (num_key_value_heads=)")
+        kv_heads = heads // teacher["group"]
+    mlp = shape.mlp_dim if shape.mlp_dim is not None else config.intermediate_size * width // config.hidden_size
+    problems = [f"{what} {value} is larger than the teacher's {limit}" for what, value, limit in (
+        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
+        ("MLP width", mlp, config.intermediate_size), ("number of query heads", heads, config.num_attention_heads))
+        if value > limit]
+    if kv_heads > teacher["kv_heads"]:
+        problems.append(f"{kv_heads} key/value heads, more than the teacher's {teacher['kv_heads']}")
+    if heads % kv_heads:
+        problems.append(f"{heads} query heads do not divide into {kv_heads} key/value heads")
+    elif heads // kv_heads > teacher["group"]:
+        problems.append(f"{heads // kv_heads} query heads per key/value head, more than the teacher's "
+                        f"{teacher['group']} (selection keeps each query head in its teacher group)")
+    if head_dim > teacher["head_dim"] or head_dim % 2:
+        problems.append(f"head dimension {head_dim}: it must be even and at most the teacher's {teacher['head_dim']}")
+    rotary_fraction = getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    if head_dim != teacher["head_dim"] and rotary_fraction != 1.0:
+        problems.append(f"head dimension {head_dim} instead of {teacher['head_dim']} with partial rotary embeddings "
+                        f"(partial_rotary_factor={rotary_fraction}); keep the teacher's head dimension")
+    if problems:
+        raise ValueError("cannot build this decoder student: " + "; ".join(problems))
+    config.hidden_size, config.num_hidden_layers, config.intermediate_size = width, depth, mlp
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv_heads, head_dim
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:depth]
+
+
 # Family name -> how a student's shape overrides a copy of the teacher's config (in place).
 SHAPE_RULES: dict[str, Callable[[PretrainedConfig, StudentShape], None]] = {
     "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
+    "llama": _llama_shape,
 }
 
 
@@ -80,19 +129,40 @@ def student_config(teacher: PretrainedConfig, shape: StudentShape, family: Model
 
 
 def create(config: PretrainedConfig, *, classification: bool | None = None) -> torch.nn.Module:
-    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked)."""
+    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked), in the dtype its
+    checkpoint is stored in (`stored_dtype`), so a bf16 teacher gives a bf16 student without an fp32 copy."""
     architecture = (config.architectures or [None])[0]
     is_classifier = architecture is not None and architecture.endswith(IMAGE_CLASSIFICATION_SUFFIXES)
     if classification is None:
         classification = is_classifier or architecture is None
-    if classification and not is_classifier:
-        return AutoModelForImageClassification.from_config(config)
-    if architecture is None:
-        return transformers.AutoModel.from_config(config)
-    model_class = getattr(transformers, architecture, None)
-    if model_class is None:
-        raise ValueError(f"transformers {transformers.__version__} has no model class {architecture!r}")
-    return model_class(config)
+    with _default_dtype(stored_dtype(config)):
+        if classification and not is_classifier:
+            return AutoModelForImageClassification.from_config(config)
+        if architecture is None:
+            return transformers.AutoModel.from_config(config)
+        model_class = getattr(transformers, architecture, None)
+        if model_class is None:
+            raise ValueError(f"transformers {transformers.__version__} has no model class {architecture!r}")
+        return model_class(config)
+
+
+def stored_dtype(config: PretrainedConfig) -> torch.dtype:
+    """The floating dtype the config's checkpoint is stored in (`dtype`, `torch_dtype` before transformers 5);
+    float32 when it says none."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def save(model: torch.nn.Module, folder: str | Path) -> None:

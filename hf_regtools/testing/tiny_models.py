@@ -1,8 +1,7 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
-`MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports,
-`TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the
-same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+`MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
+(the vision families and Llama-layout decoders, `transformers_llama`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
@@ -219,6 +218,22 @@ def transformers_bert(*, hidden_size: int = 16, num_hidden_layers: int = 2, num_
                                                     **kwargs))
 
 
+def transformers_llama(*, hidden_size: int = 32, num_hidden_layers: int = 4, num_attention_heads: int = 4,
+                       num_key_value_heads: int = 2, intermediate_size: int = 48, vocab_size: int = TEXT_VOCAB_SIZE,
+                       model_type: str = "llama", **kwargs) -> torch.nn.Module:
+    """A tiny decoder of the Llama layout (`model_type` "llama", "mistral", "qwen2" or "qwen3") with grouped-query
+    attention, as `*ForCausalLM`."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                                  num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+                                  intermediate_size=intermediate_size, vocab_size=vocab_size,
+                                  max_position_embeddings=8 * TEXT_LENGTH, **kwargs)
+    name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    return getattr(transformers, f"{name}ForCausalLM")(config)
+
+
 INPUTS: dict[str, dict] = {
     "transformers_vit": {"image_size": 16},
     "transformers_convnext": {"image_size": 32},
@@ -245,11 +260,14 @@ TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("transformers", "convnext"): transformers_convnext,
     ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
 }
+TEACHERS[("transformers", "llama")] = transformers_llama
 
 _STUDENT_ARGS = {
     "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
     "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
-                     "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
+                     "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
+                     "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                   intermediate_size=24, head_dim=8)},
 }
 
 
@@ -258,7 +276,8 @@ def _narrower(build: Callable[..., torch.nn.Module], **defaults) -> Callable[...
 
 
 STUDENTS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
-    (library, family): _narrower(build, **_STUDENT_ARGS[library]["convnext" if "convnext" in family else "vit"])
+    (library, family): _narrower(build, **_STUDENT_ARGS[library][
+        "convnext" if "convnext" in family else family if family in _STUDENT_ARGS[library] else "vit"])
     for (library, family), build in TEACHERS.items()
 }
 

@@ -133,6 +133,11 @@ class IndexPlan:
 
     def factor(self, name: str, teacher_dim: int, student_dim: int) -> torch.Tensor:
         """The index set of factor `name`; raises when `name` was drawn before with other lengths."""
+        if student_dim > teacher_dim:
+            raise WeightSelectionError(
+                f"axis {name!r} has {student_dim} entries in the student but {teacher_dim} in the teacher: weight "
+                "selection needs a student no larger on any axis (hidden size, MLP width, heads, key/value heads, "
+                "query heads per key/value head, head dimension)")
         seen = self._lengths.setdefault(name, (teacher_dim, student_dim))
         if seen != (teacher_dim, student_dim):
             raise WeightSelectionError(

@@ -67,6 +67,8 @@ def initialize_student(
     depth: int | tuple[int, ...] | None = None,
     num_heads: int | None = None,
     mlp_dim: int | None = None,
+    num_key_value_heads: int | None = None,
+    head_dim: int | None = None,
     num_labels: int | None = None,
     config: WeightSelectionConfig | None = None,
     progress: bool | None = None,
@@ -87,9 +89,10 @@ def initialize_student(
             folder holding the student's `config.json`, a built model, or a `StudentShape`. Defaults to the
             teacher's architecture with the overrides below.
         revision (`str`, *optional*): teacher revision on the Hub.
-        hidden_size, depth, num_heads, mlp_dim (*optional*): overrides of the teacher's (or preset's) architecture;
-            see `StudentShape`. A ViT keeps the head dimension and MLP ratio of the preset (else of the teacher)
-            unless `num_heads` / `mlp_dim` are given.
+        hidden_size, depth, num_heads, mlp_dim, num_key_value_heads, head_dim (*optional*): overrides of the
+            teacher's (or preset's) architecture; see `StudentShape`. A ViT keeps the head dimension and MLP ratio of
+            the preset (else of the teacher) unless `num_heads` / `mlp_dim` are given; a decoder keeps the teacher's
+            head dimension and query heads per key/value head unless `head_dim` / `num_key_value_heads` are given.
         num_labels (`int`, *optional*): the student's number of classes (defaults to the teacher's).
         config (`WeightSelectionConfig`, *optional*): selection settings; or pass them as keyword arguments
             (`mode=`, `qkv_mode=`, `skip=`, `keep_classifier=`, `reshape_1x1=`, `seed=`).
@@ -107,7 +110,8 @@ def initialize_student(
     if config is not None and selection_kwargs:
         raise ValueError("pass selection settings either as config= or as keyword arguments, not both")
     config = config or WeightSelectionConfig(**selection_kwargs)
-    overrides = StudentShape(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim)
+    overrides = StudentShape(hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
+                             num_key_value_heads=num_key_value_heads, head_dim=head_dim)
     student = _resolve_student(student)
 
     resolved = None
@@ -133,7 +137,8 @@ def initialize_student(
                       description=f"Initialized by weight selection (hf_regtools) from {teacher_name}"))
 
     teacher_weights = teacher if resolved is None else CheckpointReader(hub.fetch_weights(resolved).folder)
-    report = select_weights(teacher_weights, model, progress=progress, **config.to_dict())
+    report = select_weights(teacher_weights, model, progress=progress, teacher_config=teacher_config,
+                            **config.to_dict())
     return SelectedStudent(model=model, report=report, library=library, teacher=teacher_name,
                            teacher_revision=teacher_revision, config=config, student_source=source,
                            teacher_on_hub=on_hub, preprocessing=preprocessing, preprocessing_files=files,
@@ -246,7 +251,8 @@ def _preprocessing(adapter, teacher_config, student_config, teacher_folder: Path
     for kind, names in hub.PREPROCESSING_FILES.items():
         present = [teacher_folder / name for name in names if teacher_folder and (teacher_folder / name).is_file()]
         if not present:
-            if not is_timm:  # timm keeps its preprocessing in config.json
+            applies = (kind == "tokenizer") == (not teacher_inputs)  # text models have no image inputs
+            if not is_timm and applies:  # timm keeps its preprocessing in config.json
                 notes[kind] = ("none: the teacher was given as a loaded model" if teacher_folder is None else
                                "none: the teacher has no " + ", ".join(f"`{name}`" for name in names))
             continue
@@ -310,10 +316,12 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
     from .._registry import get_technique
 
     info = get_technique("weight_selection")
-    card_data = dict(library_name=result.library, tags=["weight-selection", "image-classification"],
-                     pipeline_tag="image-classification", **result.license)
+    task = _task(result.model)
+    card_data = dict(library_name=result.library, tags=["weight-selection", task], pipeline_tag=task,
+                     **result.license)
     if result.teacher_on_hub:
         card_data["base_model"] = result.teacher
+        card_data["base_model_relation"] = "finetune"
     parameters = sum(p.numel() for p in result.model.parameters())
     return hub.build_model_card(
         "weight_selection", card_data=card_data, teacher=result.teacher, teacher_revision=result.teacher_revision,
@@ -325,7 +333,20 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
         preprocessing=result.preprocessing, license=result.license.get("license"),
         license_source=result.license_source,
         image_processor=any(path.name == "preprocessor_config.json" for path in result.preprocessing_files),
+        tokenizer=any(name in hub.PREPROCESSING_FILES["tokenizer"] for name in
+                      (path.name for path in result.preprocessing_files)),
+        task=task, layers=result.report.layer_map,
     )
+
+
+def _task(model: torch.nn.Module) -> str:
+    """The Hub pipeline tag of the student: text generation, text classification or image classification."""
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "text-generation"
+    if name.endswith("ForSequenceClassification"):
+        return "text-classification"
+    return "image-classification"
 
 
 def _architecture_summary(result: SelectedStudent) -> str:
@@ -337,7 +358,8 @@ def _architecture_summary(result: SelectedStudent) -> str:
             summary += ": no registered timm architecture has this shape, so it is built from this one"
         return summary
     config = model.config
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_sizes", "depths")
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "hidden_sizes", "depths")
     return f"{type(model).__name__} ({', '.join(f'{k}={getattr(config, k)}' for k in keys if hasattr(config, k))})"
 
 

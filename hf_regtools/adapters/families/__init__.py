@@ -6,5 +6,6 @@ Each module defines `FAMILIES`, a tuple of `ModelFamily`; `ALL` gathers them for
 from __future__ import annotations
 
 from .. import ModelFamily
+from . import llama
 
-ALL: tuple[ModelFamily, ...] = ()
+ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES,)
