@@ -129,17 +129,22 @@ def student_config(teacher: PretrainedConfig, shape: StudentShape, family: Model
 
 
 def create(config: PretrainedConfig, *, classification: bool | None = None) -> torch.nn.Module:
-    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked), in the dtype its
+    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked; a causal language
+    model for a language model's config without `architectures`), in the dtype its
     checkpoint is stored in (`stored_dtype`), so a bf16 teacher gives a bf16 student without an fp32 copy."""
     architecture = (config.architectures or [None])[0]
     is_classifier = architecture is not None and architecture.endswith(IMAGE_CLASSIFICATION_SUFFIXES)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    is_language_model = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     if classification is None:
-        classification = is_classifier or architecture is None
+        classification = is_classifier or architecture is None and not is_language_model
     with _default_dtype(stored_dtype(config)):
         if classification and not is_classifier:
             return AutoModelForImageClassification.from_config(config)
         if architecture is None:
-            return transformers.AutoModel.from_config(config)
+            auto_class = transformers.AutoModelForCausalLM if is_language_model else transformers.AutoModel
+            return auto_class.from_config(config)
         model_class = getattr(transformers, architecture, None)
         if model_class is None:
             raise ValueError(f"transformers {transformers.__version__} has no model class {architecture!r}")
