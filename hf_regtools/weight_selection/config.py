@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 SELECTION_MODES = ("uniform", "consecutive", "random", "importance")
 QKV_MODES = ("per_chunk", "fused")
 SKIP_RULES = ("classifier", "official")
+DEFAULT_CALIBRATION_SAMPLES = 256
 CALIBRATION_FIELDS = ("calibration_data", "calibration_split", "calibration_samples", "calibration_batch_size")
 
 
@@ -41,7 +42,8 @@ class WeightSelectionConfig:
                 "teacher is loaded in memory for its forward passes"})
     calibration_split: str | None = field(default=None, metadata={
         "help": "split of the calibration data (none given: train, or a saved Dataset as it is)"})
-    calibration_samples: int = field(default=256, metadata={"help": "calibration examples to use at most"})
+    calibration_samples: int = field(default=DEFAULT_CALIBRATION_SAMPLES, metadata={
+        "help": "calibration examples to use at most"})
     calibration_batch_size: int = field(default=8, metadata={"help": "calibration examples per forward pass"})
 
     @property

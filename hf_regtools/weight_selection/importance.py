@@ -22,9 +22,9 @@ import torch
 
 from ..adapters import ModelFamily, find_supported_model
 from .axes import WeightSelectionError, factor_lengths, top_indices
+from .config import DEFAULT_CALIBRATION_SAMPLES
 from .layers import block_depths
 
-DEFAULT_CALIBRATION_SAMPLES = 256
 IMAGE_INPUT = "pixel_values"
 NOT_INPUTS = ("labels", "label")
 
@@ -353,4 +353,4 @@ def _teacher_factor_sizes(family: ModelFamily, model: torch.nn.Module) -> dict[s
     return family.factor_sizes(config) if family.factor_sizes is not None and config is not None else {}
 
 
-__all__ = ["DEFAULT_CALIBRATION_SAMPLES", "ImportanceScores", "importance_scores"]
+__all__ = ["ImportanceScores", "importance_scores"]

@@ -181,7 +181,8 @@ def _load_calibration_data(config: WeightSelectionConfig):
         raise WeightSelectionError(
             f"mode={config.mode!r} and layers={config.layers!r} measure importance on calibration data, but none was "
             "given: pass calibration_data= (a datasets.Dataset, a save_to_disk folder or a Hub dataset id; "
-            "--calibration-data on the command line) whose columns are the teacher's inputs")
+            "--calibration-data on the command line) whose columns are the teacher's inputs; the whole teacher is then "
+            "loaded in memory for its forward passes")
     from .._data import load_split
 
     return load_split(config.calibration_data, split=config.calibration_split, option="--calibration-data",

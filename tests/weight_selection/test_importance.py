@@ -159,7 +159,8 @@ class TinyTextModel(torch.nn.Module):
 class TinyTextBlock(torch.nn.Module):
     def __init__(self, width: int, mlp: int):
         super().__init__()
-        self.norm, self.up, self.down = torch.nn.LayerNorm(width), torch.nn.Linear(width, mlp), torch.nn.Linear(mlp, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.up, self.down = torch.nn.Linear(width, mlp), torch.nn.Linear(mlp, width)
 
     def forward(self, x):
         return x + self.down(torch.relu(self.up(self.norm(x))))
