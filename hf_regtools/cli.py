@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--mlp-dim", type=int, help="MLP width (default: keep the MLP ratio)")
     select.add_argument("--num-labels", type=int, help="student classes (default: the teacher's)")
     _add_dataclass_options(select, WeightSelectionConfig)
+    select.add_argument("--selection", dest="mode", choices=("uniform", "importance"), default=argparse.SUPPRESS,
+                        help="element selection (an alias of --mode): uniform (the paper's), or importance on "
+                             "--calibration-data")
     select.add_argument("--output", required=True, help="output folder (weights, config, model card); an existing "
                                                         "empty folder is filled in place")
     select.add_argument("--overwrite", action="store_true", help="replace the content of an existing non-empty "

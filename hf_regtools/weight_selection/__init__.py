@@ -9,12 +9,14 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_exports
 
 _LAZY = {
+    "ImportanceScores": ".importance",
     "IndexPlan": ".axes",
     "SelectedStudent": ".student",
     "SelectionReport": ".functional",
     "WeightSelectionConfig": ".config",
     "WeightSelectionError": ".axes",
     "consecutive_indices": ".axes",
+    "importance_scores": ".importance",
     "initialize_student": ".student",
     "layer_map": ".layers",
     "rotary_pair_indices": ".axes",
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from .axes import (IndexPlan, WeightSelectionError, consecutive_indices, random_indices, rotary_pair_indices,
                        top_indices, uniform_indices)
     from .functional import SelectionReport, select_tensor, select_weights
+    from .importance import ImportanceScores, importance_scores
     from .layers import layer_map
     from .student import SelectedStudent, initialize_student, model_card, save_student
 

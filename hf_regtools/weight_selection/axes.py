@@ -118,12 +118,18 @@ class IndexPlan:
             self.sets[key] = self._draw(teacher_dim, student_dim)
         return self.sets[key]
 
-    def _draw(self, teacher_dim: int, student_dim: int, name: str | None = None) -> torch.Tensor:
+    def _draw(self, teacher_dim: int, student_dim: int, name: str | None = None, *, pairs: bool = False
+              ) -> torch.Tensor:
+        """`student_dim` of `teacher_dim` indices; with `pairs`, of the first halves of a rotary axis twice as long,
+        scored by the sum of each pair's scores."""
         if name is not None and name in self.scores:
             scores = self.scores[name]
-            if len(scores) != teacher_dim:
+            length = 2 * teacher_dim if pairs else teacher_dim
+            if len(scores) != length:
                 raise WeightSelectionError(f"importance scores of axis {name!r} have {len(scores)} entries, the "
-                                           f"teacher's axis {teacher_dim}")
+                                           f"teacher's axis {length}")
+            if pairs:
+                scores = scores[:teacher_dim] + scores[teacher_dim:]
             return top_indices(scores, student_dim)
         if self.mode == "consecutive":
             return consecutive_indices(teacher_dim, student_dim)
@@ -146,7 +152,8 @@ class IndexPlan:
                 "head dimensions)")
         if name not in self.sets:
             if name in self.paired and teacher_dim != student_dim:
-                self.sets[name] = rotary_pair_indices(teacher_dim, student_dim, lambda D, d: self._draw(D, d, name))
+                self.sets[name] = rotary_pair_indices(teacher_dim, student_dim,
+                                                      lambda D, d: self._draw(D, d, name, pairs=True))
             else:
                 self.sets[name] = self._draw(teacher_dim, student_dim, name)
         return self.sets[name]
@@ -154,8 +161,8 @@ class IndexPlan:
     def axis(self, spec: str, teacher_dim: int, student_dim: int, *, key: str = "tensor") -> torch.Tensor:
         """The indices of an axis named `spec` (`"hidden"`, `"3*hidden"`, `"kv_heads*group*head_dim"`)."""
         factors = spec.split("*")
-        teacher = self._factor_lengths(factors, teacher_dim, self.teacher_sizes, "teacher", spec, key)
-        student = self._factor_lengths(factors, student_dim, self.student_sizes, "student", spec, key)
+        teacher = factor_lengths(factors, teacher_dim, self.teacher_sizes, "teacher", spec, key)
+        student = factor_lengths(factors, student_dim, self.student_sizes, "student", spec, key)
         index = torch.zeros(1, dtype=torch.long)
         for factor, t, s in zip(factors, teacher, student):
             if factor.isdigit():
@@ -167,25 +174,27 @@ class IndexPlan:
             index = (index[:, None] * t + chosen[None, :]).flatten()
         return index
 
-    @staticmethod
-    def _factor_lengths(factors: list[str], total: int, sizes: Mapping[str, int], role: str, spec: str,
-                        key: str) -> list[int]:
-        known = [int(f) if f.isdigit() else sizes.get(f, sizes.get(_per_block_base(f))) for f in factors]
-        unknown = [i for i, length in enumerate(known) if length is None]
-        if len(unknown) > 1:
-            raise WeightSelectionError(
-                f"{key!r}: the {role}'s lengths of {[factors[i] for i in unknown]} (axis {spec!r}) are unknown; pass "
-                f"the {role}'s config (teacher_config= / student_config=)")
-        product = 1
-        for length in known:
-            product *= length or 1
-        if unknown:
-            if total % product:
-                raise WeightSelectionError(f"{key!r}: the {role}'s axis {spec!r} has length {total}, not a multiple "
-                                           f"of {product}")
-            known[unknown[0]] = total // product
-        elif product != total:
-            raise WeightSelectionError(f"{key!r}: the {role}'s axis {spec!r} has length {total}, but its factors "
-                                       f"{dict(zip(factors, known))} give {product}; the {role}'s config does not "
-                                       "describe its weights")
-        return known
+
+def factor_lengths(factors: list[str], total: int, sizes: Mapping[str, int], role: str, spec: str,
+                   key: str) -> list[int]:
+    """The length of every factor of an axis `spec` of length `total`: from `sizes` (a per-block factor takes its
+    base name's), the one factor `sizes` does not give from the total."""
+    known = [int(f) if f.isdigit() else sizes.get(f, sizes.get(_per_block_base(f))) for f in factors]
+    unknown = [i for i, length in enumerate(known) if length is None]
+    if len(unknown) > 1:
+        raise WeightSelectionError(
+            f"{key!r}: the {role}'s lengths of {[factors[i] for i in unknown]} (axis {spec!r}) are unknown; pass "
+            f"the {role}'s config (teacher_config= / student_config=)")
+    product = 1
+    for length in known:
+        product *= length or 1
+    if unknown:
+        if total % product:
+            raise WeightSelectionError(f"{key!r}: the {role}'s axis {spec!r} has length {total}, not a multiple "
+                                       f"of {product}")
+        known[unknown[0]] = total // product
+    elif product != total:
+        raise WeightSelectionError(f"{key!r}: the {role}'s axis {spec!r} has length {total}, but its factors "
+                                   f"{dict(zip(factors, known))} give {product}; the {role}'s config does not "
+                                   "describe its weights")
+    return known

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -26,6 +26,9 @@ from .axes import (IndexPlan, WeightSelectionError, consecutive_indices, random_
                    uniform_indices)
 from .config import QKV_MODES, SKIP_RULES
 from .layers import LayerChoice, block_depths, layer_map, teacher_key
+
+if TYPE_CHECKING:
+    from .importance import ImportanceScores
 
 SelectionMode = Literal["uniform", "consecutive", "random", "importance"]
 QKVMode = Literal["per_chunk", "fused"]
@@ -137,7 +140,7 @@ def select_weights(
     reshape_1x1: bool = False,
     seed: int = 0,
     layers: LayerChoice = "first",
-    scores: Mapping[str, torch.Tensor] | None = None,
+    scores: Mapping[str, torch.Tensor] | ImportanceScores | None = None,
     teacher_config=None,
     student_config=None,
     progress: bool | None = None,
@@ -169,10 +172,12 @@ def select_weights(
             convolution `[o, i, 1, 1]` and back (timm ConvNeXt `conv_mlp`).
         seed (`int`, *optional*, defaults to 0): seed of `mode="random"`.
         layers (`str` or `list`, *optional*, defaults to `"first"`): which teacher blocks the student's blocks read:
-            `"first"` (the paper's first-N), `"last"`, `"even"` (evenly spaced), or the teacher block indices (one
-            list per stage for staged families); see `layers.layer_map`.
-        scores (`Mapping[str, Tensor]`, *optional*): importance of every teacher entry by axis factor name, for
-            `mode="importance"` (`importance_scores`).
+            `"first"` (the paper's first-N), `"last"`, `"even"` (evenly spaced), `"importance"` (the blocks of
+            highest Block Influence in `scores`, ShortGPT), or the teacher block indices (one list per stage for
+            staged families); see `layers.layer_map`.
+        scores (`ImportanceScores` or `Mapping[str, Tensor]`, *optional*): what `importance_scores` measured on the
+            teacher, or the importance of every teacher entry by axis factor name, for `mode="importance"` and
+            `layers="importance"`.
         teacher_config, student_config (*optional*): the models' configs, needed for families whose axes have
             factors a shape cannot give (heads and head dimension of language models) when teacher or student is a
             state dict; taken from modules by default.
@@ -209,7 +214,9 @@ def select_weights(
 
     selected_keys = [key for key in student_tensors if key not in skipped]
     teacher_depths = block_depths(family.layers, teacher_tensors)
-    mapping = layer_map(layers, teacher_depths, block_depths(family.layers, student_tensors)) if family.layers else {}
+    student_depths = block_depths(family.layers, student_tensors)
+    axis_scores, layer_choice = _split_scores(scores, mode, layers, student_depths)
+    mapping = layer_map(layer_choice, teacher_depths, student_depths) if family.layers else {}
     sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
     missing = [key for key, source in sources.items() if source not in teacher_tensors]
     if missing:
@@ -220,7 +227,7 @@ def select_weights(
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
 
-    plan = IndexPlan(mode, seed=seed, scores=scores, paired=family.paired_factors,
+    plan = IndexPlan(mode, seed=seed, scores=axis_scores, paired=family.paired_factors,
                      teacher_sizes=_factor_sizes(family, teacher_config, teacher),
                      student_sizes=_factor_sizes(family, student_config, student))
     stages = [int(stage) for stage in teacher_depths if stage.isdigit()]
@@ -253,6 +260,21 @@ def select_weights(
     read = set(sources.values())
     report.teacher_unused = [key for key in teacher_tensors if key not in read]
     return report
+
+
+def _split_scores(scores, mode: str, layers: LayerChoice, student_depths: dict[str, int]):
+    """The axis scores `mode` uses (none unless `"importance"`) and the layer choice, `"importance"` resolved to the
+    most influential teacher blocks."""
+    from .importance import ImportanceScores
+
+    is_measured = isinstance(scores, ImportanceScores)
+    axis_scores = (scores.axes if is_measured else scores) if mode == "importance" else None
+    if not (isinstance(layers, str) and layers == "importance"):
+        return axis_scores, layers
+    if not is_measured or not scores.block_influence:
+        raise WeightSelectionError('layers="importance" needs the block influence of the teacher\'s blocks: pass '
+                                   "scores=importance_scores(teacher, calibration_data)")
+    return axis_scores, scores.layers(student_depths)
 
 
 def _source_key(family: ModelFamily, key: str, mapping: dict[str, list[int]], teacher_tensors) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ from .._io import atomic_directory
 from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, check_preset, detect_family,
                         find_supported_model, library_adapter, library_of, preset_shape)
 from ..checkpoint import CheckpointReader
-from .config import WeightSelectionConfig
+from .config import CALIBRATION_FIELDS, WeightSelectionConfig
+from .axes import WeightSelectionError
 from .functional import SelectionReport, select_weights
+from .importance import ImportanceScores, importance_scores
 
 
 @dataclass
@@ -38,6 +40,8 @@ class SelectedStudent:
         license (`dict[str, str]`): the teacher's license (`license`, and `license_name` / `license_link` for
             "other"), empty when the teacher declares none.
         license_source (`str`, *optional*): where the license was read.
+        calibration (`str`, *optional*): the calibration data of importance selection, described.
+        scores (`ImportanceScores`, *optional*): what importance selection measured on the teacher.
     """
 
     model: torch.nn.Module
@@ -52,6 +56,8 @@ class SelectedStudent:
     preprocessing_files: tuple[Path, ...] = ()
     license: dict[str, str] = field(default_factory=dict)
     license_source: str | None = None
+    calibration: str | None = None
+    scores: ImportanceScores | None = None
 
     def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False, repo_id: str | None = None) -> Path:
         """Write weights, config, preprocessing and model card to `output_dir` atomically; see `save_student`."""
@@ -71,6 +77,7 @@ def initialize_student(
     head_dim: int | None = None,
     num_labels: int | None = None,
     config: WeightSelectionConfig | None = None,
+    calibration_data=None,
     progress: bool | None = None,
     **selection_kwargs: Any,
 ) -> SelectedStudent:
@@ -81,6 +88,9 @@ def initialize_student(
     works and peak memory stays near the student's size plus one teacher tensor. The student takes the teacher's
     preprocessing (image processor, timm data config) when it keeps the inputs it depends on (image size, patch
     size, channels), and the teacher's license.
+
+    Importance selection (`mode="importance"`, `layers="importance"`) runs the teacher on calibration data
+    (`importance_scores`), so the whole teacher is loaded in memory (on CPU, in its checkpoint's dtype) for it.
 
     Args:
         teacher (`str`, `os.PathLike` or `nn.Module`): Hub id (`org/name`, `org/name@rev`), timm `hf-hub:` id or
@@ -95,7 +105,12 @@ def initialize_student(
             head dimension and query heads per key/value head unless `head_dim` / `num_key_value_heads` are given.
         num_labels (`int`, *optional*): the student's number of classes (defaults to the teacher's).
         config (`WeightSelectionConfig`, *optional*): selection settings; or pass them as keyword arguments
-            (`mode=`, `qkv_mode=`, `skip=`, `keep_classifier=`, `reshape_1x1=`, `seed=`).
+            (`mode=`, `qkv_mode=`, `skip=`, `keep_classifier=`, `reshape_1x1=`, `seed=`, `layers=`,
+            `calibration_split=`, `calibration_samples=`, `calibration_batch_size=`).
+        calibration_data (*optional*): for importance selection, the calibration data as a `datasets.Dataset` (or
+            an iterable of batches) whose columns are the teacher's inputs (`pixel_values`; `input_ids` and
+            `attention_mask`); a folder saved with `save_to_disk` or a Hub dataset id may be given here or as the
+            config's `calibration_data`.
         progress (`bool`, *optional*): show a progress bar over the tensors; see `select_weights`.
 
     Example:
@@ -136,13 +151,54 @@ def initialize_student(
         metadata=dict(license=teacher_license.get("license"),
                       description=f"Initialized by weight selection (hf_regtools) from {teacher_name}"))
 
-    teacher_weights = teacher if resolved is None else CheckpointReader(hub.fetch_weights(resolved).folder)
-    report = select_weights(teacher_weights, model, progress=progress, teacher_config=teacher_config,
-                            **config.to_dict())
+    if not isinstance(calibration_data, (str, os.PathLike)):
+        data, calibration = calibration_data, _described(calibration_data)
+    else:
+        data, calibration = None, None
+        config = replace(config, calibration_data=str(calibration_data))
+    scores = None
+    if config.uses_calibration:
+        if data is None:
+            data, calibration = _load_calibration_data(config)
+        teacher_weights = teacher if resolved is None else hub.load_model(hub.fetch_weights(resolved).folder,
+                                                                          library=library)
+        scores = importance_scores(teacher_weights, data, batch_size=config.calibration_batch_size,
+                                   num_samples=config.calibration_samples)
+        calibration = f"{calibration}, {scores.samples} examples"
+    else:
+        if data is not None or config.calibration_data is not None:
+            raise WeightSelectionError(
+                f"calibration data was given, but mode is {config.mode!r} and layers {config.layers!r}: pass "
+                'mode="importance" (--selection importance) and/or layers="importance", or drop the calibration data')
+        teacher_weights = teacher if resolved is None else CheckpointReader(hub.fetch_weights(resolved).folder)
+    report = select_weights(teacher_weights, model, progress=progress, scores=scores, teacher_config=teacher_config,
+                            **config.selection_kwargs())
     return SelectedStudent(model=model, report=report, library=library, teacher=teacher_name,
                            teacher_revision=teacher_revision, config=config, student_source=source,
                            teacher_on_hub=on_hub, preprocessing=preprocessing, preprocessing_files=files,
-                           license=teacher_license, license_source=license_source)
+                           license=teacher_license, license_source=license_source, calibration=calibration,
+                           scores=scores)
+
+
+def _load_calibration_data(config: WeightSelectionConfig):
+    """The calibration data the config names, and its description; raises when there is none."""
+    if config.calibration_data is None:
+        raise WeightSelectionError(
+            f"mode={config.mode!r} and layers={config.layers!r} measure importance on calibration data, but none was "
+            "given: pass calibration_data= (a datasets.Dataset, a save_to_disk folder or a Hub dataset id; "
+            "--calibration-data on the command line) whose columns are the teacher's inputs; the whole teacher is then "
+            "loaded in memory for its forward passes")
+    from .._data import load_split
+
+    return load_split(config.calibration_data, split=config.calibration_split, option="--calibration-data",
+                      split_option="--calibration-split", error_class=WeightSelectionError)
+
+
+def _described(data) -> str | None:
+    if data is None:
+        return None
+    rows = f", {len(data)} rows" if hasattr(data, "__len__") else ""
+    return f"a {type(data).__name__} given in Python{rows}"
 
 
 def _resolve_student(student):
@@ -327,7 +383,7 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
         "weight_selection", card_data=card_data, teacher=result.teacher, teacher_revision=result.teacher_revision,
         library=result.library, family=result.report.family, student_source=result.student_source,
         architecture=_architecture_summary(result), parameters=f"{parameters / 1e6:.2f}M",
-        settings=result.config.to_dict(), loaded=len(result.report.loaded), skipped=result.report.skipped,
+        settings=_card_settings(result), loaded=len(result.report.loaded), skipped=result.report.skipped,
         paper=info.paper, arxiv=info.arxiv, code_repo=info.code_repo, repo_id=repo_id,
         teacher_on_hub=result.teacher_on_hub,
         preprocessing=result.preprocessing, license=result.license.get("license"),
@@ -347,6 +403,17 @@ def _task(model: torch.nn.Module) -> str:
     if name.endswith("ForSequenceClassification"):
         return "text-classification"
     return "image-classification"
+
+
+def _card_settings(result: SelectedStudent) -> dict:
+    """The selection settings; the calibration data's only when selection used it, described."""
+    settings = result.config.to_dict()
+    for name in CALIBRATION_FIELDS:
+        settings.pop(name)
+    if result.config.uses_calibration:
+        settings["calibration_data"] = result.calibration
+        settings["calibration_batch_size"] = result.config.calibration_batch_size
+    return settings
 
 
 def _architecture_summary(result: SelectedStudent) -> str:
