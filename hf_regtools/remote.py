@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from . import hub
-from .checkpoint import SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES, TORCH_WEIGHTS, CheckpointError, CheckpointReader
+from .checkpoint import SAFE_INDEX, SAFE_WEIGHTS, SAFETENSORS_DTYPES, CheckpointError, CheckpointReader
 from .checkpoint import _Entry, _weight_files
 
 logger = logging.getLogger(__name__)
@@ -360,7 +360,12 @@ def open_teacher_weights(resolved: hub.ResolvedModel, *, progress: bool | None =
 
 
 def _has_weights(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in (*SAFE_WEIGHTS, SAFE_INDEX, *TORCH_WEIGHTS))
+    """Whether a cache snapshot holds complete weights (a shard index alone, cached by the metadata read, does not)."""
+    try:
+        _weight_files(folder)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _files_size(folder: Path) -> int:

@@ -114,6 +114,8 @@ def test_remote_student_equals_the_local_one_and_reads_only_the_selected_tensors
     assert local.bytes_read == 0 and local.weights_source == "local"
     weight_reads = [path for _, path in fake_hub.requests[start:] if path.endswith(".safetensors")]
     assert weight_reads and all(f"/resolve/{remote.teacher_revision}/" in path for path in weight_reads)
+    again = _cut(repo_id, case)  # the metadata read cached the config and the shard index, not the weights
+    assert again.weights_source == "remote" and again.bytes_read == selected
 
 
 def test_plan_coalesces_ranges_within_the_gap_and_request_limits(tmp_path, fake_hub):
