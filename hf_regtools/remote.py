@@ -45,8 +45,7 @@ class _Transfer:
     """Read state shared by a reader and its `with_key_map` clones."""
 
     groups: dict[str, list[_Range]] = field(default_factory=dict)  # stored key -> the ranges of its group
-    current: list[_Range] | None = None
-    loaded: dict[str, torch.Tensor] = field(default_factory=dict)
+    loaded: dict[str, torch.Tensor] = field(default_factory=dict)  # the tensors of the group read last
     bytes_read: int = 0
     requests: int = 0
     bar: object = None
@@ -165,7 +164,7 @@ class RemoteCheckpointReader(CheckpointReader):
             ranges = self._coalesce(keys_of_group)
             planned.append(ranges)
             transfer.groups.update({key: ranges for key in keys_of_group})
-        transfer.current, transfer.loaded = None, {}
+        self.close()
         from .weight_selection.functional import show_progress
 
         if show_progress(self._progress):
@@ -202,7 +201,7 @@ class RemoteCheckpointReader(CheckpointReader):
                 yield self._read([_Range(str(entry.file), entry.start, entry.end, [stored])])[stored]
                 return
             transfer.loaded = {}  # free the previous group before reading the next one
-            transfer.current, transfer.loaded = ranges, self._read(ranges)
+            transfer.loaded = self._read(ranges)
         yield transfer.loaded[stored]
 
     def _read(self, ranges: list[_Range]) -> dict[str, torch.Tensor]:
@@ -254,7 +253,7 @@ class RemoteCheckpointReader(CheckpointReader):
     def close(self) -> None:
         """Drop the tensors held in memory and close the progress bar."""
         transfer = self._transfer
-        transfer.current, transfer.loaded = None, {}
+        transfer.loaded = {}
         if transfer.bar is not None:
             transfer.bar.close()
             transfer.bar = None

@@ -297,3 +297,13 @@ def test_fake_hub_serves_ranges(fake_hub, tmp_path):
     with pytest.raises(HTTPError) as excinfo:
         urlopen(Request(url, headers={"Range": f"bytes={len(data)}-"}))
     assert excinfo.value.code == 416 and excinfo.value.headers["Content-Range"] == f"bytes */{len(data)}"
+
+    from huggingface_hub import HfFileSystem
+
+    unknown = len(fake_hub.unknown_routes)
+    fs = HfFileSystem(endpoint=fake_hub.url)
+    assert fs.info(f"{repo_id}/blob.bin")["size"] == len(data)
+    with fs.open(f"{repo_id}/blob.bin", "rb", cache_type="none") as handle:
+        handle.seek(100)
+        assert handle.read(50) == data[100:150]
+    assert fake_hub.unknown_routes[unknown:] == []
