@@ -158,7 +158,8 @@ def hub_client_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
 
     huggingface_hub 0.x uses `requests` (its `ConnectionError` and `Timeout`, raised unwrapped, and a plain
     `requests.HTTPError` from e.g. `whoami`); 1.x and later use httpx (`TransportError` subclasses). Connection and
-    timeout errors include the built-in `ConnectionError` and `TimeoutError`.
+    timeout errors include the built-in `ConnectionError` and `TimeoutError`, and a connection dropped in the middle
+    of a body (requests' `ChunkedEncodingError`; httpx's `RemoteProtocolError` is a `TransportError`).
     """
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -167,5 +168,6 @@ def hub_client_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
     if hasattr(client, "TransportError"):  # httpx (huggingface_hub >= 1)
         connection, timeout = (client.TransportError,), (client.TimeoutException,)
     else:  # requests (huggingface_hub 0.x)
-        connection, timeout = (client.exceptions.ConnectionError,), (client.exceptions.Timeout,)
+        connection = (client.exceptions.ConnectionError, client.exceptions.ChunkedEncodingError)
+        timeout = (client.exceptions.Timeout,)
     return (http,), (*connection, ConnectionError), (*timeout, TimeoutError)

@@ -15,6 +15,7 @@ offsets) is the one documented by safetensors; the safetensors library itself of
 
 from __future__ import annotations
 
+import copy
 import json
 import mmap
 import os
@@ -149,8 +150,7 @@ class CheckpointReader(Mapping):
 
     def with_key_map(self, key_map: Mapping[str, str]) -> CheckpointReader:
         """A reader over the same files exposing tensors under `key_map` names (see the class docstring)."""
-        clone = object.__new__(CheckpointReader)
-        clone.path, clone._entries, clone._maps = self.path, self._entries, self._maps
+        clone = copy.copy(self)
         clone._expose(key_map)
         return clone
 

@@ -239,7 +239,8 @@ def _select(args: argparse.Namespace) -> int:
                                 depth=args.depth, num_heads=args.num_heads, mlp_dim=args.mlp_dim,
                                 num_key_value_heads=args.num_key_value_heads, head_dim=args.head_dim,
                                 num_labels=args.num_labels, config=config)
-    return save_and_push(result, output, args, push_id=push_id, summary=str(result.report),
+    return save_and_push(result, output, args, push_id=push_id,
+                         summary=f"{result.report}\nteacher weights: {result.weights_summary}",
                          commit_message=f"Weight selection from {result.teacher}")
 
 

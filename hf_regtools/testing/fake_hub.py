@@ -16,7 +16,12 @@ os.environ.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_TOKEN="hf_fake
   re-uploaded. Model and dataset repositories are supported; Spaces and pull requests are not.
 - `create_repo` makes no initial commit (the real Hub commits a `.gitattributes`): each upload adds one commit.
 - `whoami` answers for [`FakeHub.user`] with a token of role [`FakeHub.token_role`] when the request carries a
-  token, else 401.
+  token, else 401. A private repository (`create_repo(private=True)`) answers requests without a token with 401
+  `RepoNotFound`, as the Hub does.
+- `resolve` serves ranged reads as the Hub's file storage does: `HEAD` gives the size and commit headers
+  (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `Accept-Ranges`), `GET` with `Range: bytes=a-b`
+  answers 206 with `Content-Range`, or 416 past the end. [`FakeHub.bytes_sent`] counts the file content bytes sent
+  (ranged or not), for tests of how much a client read; set it to 0 to restart the count.
 - Unmatched requests get a 404 JSON error, are logged as warnings and recorded in [`FakeHub.unknown_routes`], so a
   client upgrade that adds a call fails loudly. Request headers (`Authorization` included) are never kept or logged.
 
@@ -80,6 +85,7 @@ def _json(status, payload, **headers):
 
 
 _DISCONNECT = object()  # the answer to a fault without status: close the connection, send nothing
+_CONTENT_HEADER = "X-FakeHub-File-Content"  # marks (not sent) answers whose body is file content, for `bytes_sent`
 
 
 def _git_oid(data):
@@ -93,20 +99,29 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         try:
             answer = self.server.hub._handle(self.command, self.path, self.rfile.read(length),
-                                             authorized=bool(self.headers.get("Authorization")))
+                                             authorized=bool(self.headers.get("Authorization")),
+                                             byte_range=self.headers.get("Range"))
         except Exception as error:
             logger.exception("FakeHub: error while answering %s %s", self.command, self.path)
             answer = _json(500, {"error": f"FakeHub internal error: {error!r}"})
         if answer is _DISCONNECT:
             self.close_connection = True
             return
-        status, headers, body = answer
+        status, headers, body, cut_after = answer if len(answer) == 4 else (*answer, None)
+        file_content = headers.pop(_CONTENT_HEADER, None)
         self.send_response(status)
         for name, value in {**headers, "Content-Length": str(len(body))}.items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        if self.command == "HEAD":
+            return
+        sent = body if cut_after is None else body[:cut_after]
+        if file_content:
+            self.server.hub._count_sent(len(sent))
+        self.wfile.write(sent)
+        if cut_after is not None:
+            self.wfile.flush()
+            self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
 
@@ -140,6 +155,7 @@ class FakeHub:
         self._faults: list = []
         self.requests: list[tuple[str, str]] = []
         self.unknown_routes: list[tuple[str, str]] = []
+        self.bytes_sent = 0
 
     @property
     def url(self) -> str:
@@ -180,7 +196,8 @@ class FakeHub:
         self.stop()
 
     def add_fault(self, method: str, path_regex: str, status: int | None, *, error_code: str | None = None,
-                  message: str = "injected fault", times: int | None = None) -> None:
+                  message: str = "injected fault", times: int | None = None, after_bytes: int | None = None,
+                  skip: int = 0) -> None:
         """Makes the next matching requests fail, before any routing (the request is still recorded).
 
         Args:
@@ -197,9 +214,18 @@ class FakeHub:
                 Error message of the body.
             times (`int`, *optional*):
                 Number of requests to fail; `None` fails every matching request until [`FakeHub.clear_faults`].
+            after_bytes (`int`, *optional*):
+                With `status=None`: answer the request normally but close the connection after this many body
+                bytes (the headers announce the full length), as a connection dropped mid-download.
+            skip (`int`, *optional*, defaults to 0):
+                Number of matching requests to let through first (e.g. a client's header read before its data
+                reads); they do not count in `times`.
         """
+        if after_bytes is not None and status is not None:
+            raise ValueError("after_bytes drops the connection mid-answer: pass status=None with it")
         with self._lock:
-            self._faults.append([method.upper(), re.compile(path_regex), status, error_code, message, times])
+            self._faults.append([method.upper(), re.compile(path_regex), status, error_code, message, times,
+                                 after_bytes, skip])
 
     def clear_faults(self) -> None:
         """Removes every fault added with [`FakeHub.add_fault`]."""
@@ -220,47 +246,76 @@ class FakeHub:
             return list(self._repo(repo_type, repo_id)["commits"])
 
     def reset(self) -> None:
-        """Forgets all repositories, recorded requests, unknown routes and faults."""
+        """Forgets all repositories, recorded requests, unknown routes and faults, and zeroes `bytes_sent`."""
         with self._lock:
             for state in (self._repos, self._faults, self.requests, self.unknown_routes):
                 state.clear()
+            self.bytes_sent = 0
 
-    def _handle(self, method, raw_path, body, *, authorized=True):
-        """Answers one request with `(status, headers, body)`; `authorized`: the request carries a token."""
+    def _count_sent(self, count):
+        with self._lock:
+            self.bytes_sent += count
+
+    def _handle(self, method, raw_path, body, *, authorized=True, byte_range=None):
+        """Answers one request with `(status, headers, body)`, or `(status, headers, body, cut_after)` to drop the
+        connection after `cut_after` body bytes; `authorized`: the request carries a token; `byte_range`: its `Range`
+        header."""
         split = urlsplit(raw_path)
         path, query = split.path, parse_qs(split.query)
         with self._lock:
             self.requests.append((method, path))
+            cut_after = None
             for fault in self._faults:
-                fault_method, pattern, status, code, message, times = fault
+                fault_method, pattern, status, code, message, times, after_bytes, skip = fault
                 if fault_method in ("*", method) and pattern.search(path):
+                    if skip > 0:
+                        fault[7] -= 1
+                        continue
                     if times is not None:
                         fault[5] -= 1
                         if fault[5] <= 0:
                             self._faults.remove(fault)
+                    if after_bytes is not None:
+                        cut_after = after_bytes
+                        break
                     if status is None:
                         return _DISCONNECT
                     return _json(status, {"error": message}, **({"X-Error-Code": code} if code else {}))
-            for route_method, pattern, handler in _ROUTES:
-                match = re.fullmatch(pattern, path)
-                if match and route_method == ("GET" if method == "HEAD" else method):
-                    args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-                    args["kind"] = _KINDS[args.get("kind")]
-                    args["authorized"] = authorized
-                    try:
-                        return getattr(self, handler)(body=body, query=query, **args)
-                    except _HubError as error:
-                        return _json(error.status, {"error": str(error)}, **error.headers)
-                    except (ValueError, KeyError) as error:
-                        return _json(400, {"error": f"FakeHub: malformed request ({error!r})"})
-            self.unknown_routes.append((method, path))
-        logger.warning("FakeHub: no route for %s %s", method, path)
-        return _json(404, {"error": f"FakeHub has no route for {method} {path}"})
+            answer = self._route(method, path, query, body, authorized, byte_range)
+        if answer is None:
+            logger.warning("FakeHub: no route for %s %s", method, path)
+            return _json(404, {"error": f"FakeHub has no route for {method} {path}"})
+        return answer if cut_after is None else (*answer, cut_after)
+
+    def _route(self, method, path, query, body, authorized, byte_range):
+        """The answer of the route matching the request, or `None` (recorded as an unknown route)."""
+        for route_method, pattern, handler in _ROUTES:
+            match = re.fullmatch(pattern, path)
+            if match and route_method == ("GET" if method == "HEAD" else method):
+                args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                args["kind"] = _KINDS[args.get("kind")]
+                args["authorized"] = authorized
+                if handler == "_resolve":
+                    args["byte_range"] = byte_range
+                try:
+                    if "repo_id" in args:
+                        self._check_access(args["kind"], args["repo_id"], authorized)
+                    return getattr(self, handler)(body=body, query=query, **args)
+                except _HubError as error:
+                    return _json(error.status, {"error": str(error)}, **error.headers)
+                except (ValueError, KeyError) as error:
+                    return _json(400, {"error": f"FakeHub: malformed request ({error!r})"})
+        self.unknown_routes.append((method, path))
+        return None
 
     def _repo(self, kind, repo_id):
         if (kind, repo_id) not in self._repos:
             raise _HubError(404, "RepoNotFound", f"Repository {repo_id!r} not found")
         return self._repos[kind, repo_id]
+
+    def _check_access(self, kind, repo_id, authorized):
+        if not authorized and self._repos.get((kind, repo_id), {}).get("private"):
+            raise _HubError(401, "RepoNotFound", f"Repository {repo_id!r} not found (private: send a token)")
 
     def _snapshot(self, repo, revision):
         """Resolves `revision` (branch or full sha) to `(sha, files)`; an empty repository's `main` is `(None, {})`."""
@@ -294,7 +349,8 @@ class FakeHub:
         url = self._repo_url(kind, repo_id)
         if (kind, repo_id) in self._repos:
             return _json(409, {"error": "You already created this repo", "url": url})
-        self._repos[kind, repo_id] = {"commits": [], "files": {}, "refs": {}}
+        private = payload.get("private") or payload.get("visibility") == "private"
+        self._repos[kind, repo_id] = {"commits": [], "files": {}, "refs": {}, "private": bool(private)}
         return _json(200, {"url": url, "name": repo_id})
 
     def _preupload(self, kind, repo_id, rev, body, **_):
@@ -341,7 +397,7 @@ class FakeHub:
     def _info(self, kind, repo_id, rev="main", **_):
         sha, files = self._snapshot(self._repo(kind, repo_id), rev)
         return _json(200, {
-            "id": repo_id, "modelId": repo_id, "sha": sha, "private": False, "disabled": False, "gated": False,
+            "id": repo_id, "modelId": repo_id, "sha": sha, "private": self._repos[kind, repo_id]["private"], "disabled": False, "gated": False,
             "tags": [], "downloads": 0, "likes": 0, "siblings": [{"rfilename": path} for path in sorted(files)],
         })
 
@@ -363,13 +419,35 @@ class FakeHub:
             raise _HubError(404, "EntryNotFound", f"{path} does not exist on {rev}")
         return _json(200, list(entries.values()))
 
-    def _resolve(self, kind, repo_id, rev, path, **_):
+    def _resolve(self, kind, repo_id, rev, path, byte_range=None, **_):
         sha, files = self._snapshot(self._repo(kind, repo_id), rev)
         commit_header = {"X-Repo-Commit": sha} if sha else {}
         if path not in files:
             raise _HubError(404, "EntryNotFound", f"{path} does not exist on {rev}", **commit_header)
         data = files[path]
-        return 200, {"Content-Type": "application/octet-stream", "ETag": f'"{_git_oid(data)}"', **commit_header}, data
+        etag = f'"{_git_oid(data)}"'
+        headers = {"Content-Type": "application/octet-stream", "ETag": etag, "X-Linked-Etag": etag,
+                   "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes", _CONTENT_HEADER: "1", **commit_header}
+        if byte_range is None:
+            return 200, headers, data
+        span = _parse_range(byte_range, len(data))
+        if span is None:
+            return 416, {**commit_header, "Content-Range": f"bytes */{len(data)}"}, b""
+        start, end = span
+        return 206, {**headers, "Content-Range": f"bytes {start}-{end - 1}/{len(data)}"}, data[start:end]
+
+
+def _parse_range(header, size):
+    """`(start, end)` (end exclusive) of a single `bytes=a-b`, `bytes=a-` or `bytes=-n` range, `None` if it is not
+    satisfiable; other forms (several ranges) raise `ValueError` (answered 400)."""
+    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if match is None or match[1] == match[2] == "":
+        raise ValueError(f"unsupported Range header {header!r}")
+    if match[1] == "":
+        start, end = max(size - int(match[2]), 0), size
+    else:
+        start, end = int(match[1]), min(int(match[2]) + 1, size) if match[2] else size
+    return (start, end) if start < size and start < end else None
 
 
 def main(argv=None) -> None:

@@ -295,13 +295,19 @@ def _factor_sizes(family: ModelFamily, config, model) -> dict[str, int]:
     return family.factor_sizes(config) if config is not None else {}
 
 
-def _progress(keys: list[str], progress: bool | None):
-    """`keys`, with a tqdm bar on stderr when asked, or by default when stderr is a terminal and bars are enabled."""
+def show_progress(progress: bool | None) -> bool:
+    """Whether to show a progress bar: `progress` when given, else whether stderr is a terminal and progress bars are
+    enabled (`HF_HUB_DISABLE_PROGRESS_BARS`, `huggingface_hub.utils.disable_progress_bars()`)."""
     if progress is None:
         from huggingface_hub.utils import are_progress_bars_disabled
 
-        progress = sys.stderr.isatty() and not are_progress_bars_disabled()
-    if not progress:
+        return sys.stderr.isatty() and not are_progress_bars_disabled()
+    return progress
+
+
+def _progress(keys: list[str], progress: bool | None):
+    """`keys`, with a tqdm bar on stderr when `show_progress(progress)`."""
+    if not show_progress(progress):
         return keys
     from tqdm import tqdm
 

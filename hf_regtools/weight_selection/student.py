@@ -14,9 +14,9 @@ from .. import hub
 from .._io import atomic_directory
 from ..adapters import (PRESETS, ModelFamily, StudentShape, UnsupportedModelError, check_preset, detect_family,
                         find_supported_model, library_adapter, library_of, preset_shape)
-from ..checkpoint import CheckpointReader
-from .config import CALIBRATION_FIELDS, WeightSelectionConfig
+from ..remote import open_teacher_weights
 from .axes import WeightSelectionError
+from .config import CALIBRATION_FIELDS, WeightSelectionConfig
 from .functional import SelectionReport, select_weights
 from .importance import ImportanceScores, importance_scores
 
@@ -42,6 +42,13 @@ class SelectedStudent:
         license_source (`str`, *optional*): where the license was read.
         calibration (`str`, *optional*): the calibration data of importance selection, described.
         scores (`ImportanceScores`, *optional*): what importance selection measured on the teacher.
+        weights_source (`str`): how the teacher's weights were read: `"remote"` (only the needed byte ranges, from
+            the Hub), `"download"` (the weight files were downloaded: the repo has no safetensors weights),
+            `"cache"` (the local Hugging Face cache), `"local"` (a local folder) or `"module"` (a loaded model).
+        bytes_read (`int`): bytes of teacher weights transferred from the Hub (the ranges read, or the downloaded
+            files); 0 when read from local files.
+        teacher_size (`int`, *optional*): total size of the teacher's weight files, in bytes.
+        weights_note (`str`, *optional*): why the weights were downloaded instead of read by ranges.
     """
 
     model: torch.nn.Module
@@ -58,6 +65,30 @@ class SelectedStudent:
     license_source: str | None = None
     calibration: str | None = None
     scores: ImportanceScores | None = None
+
+    weights_source: str = "module"
+    bytes_read: int = 0
+    teacher_size: int | None = None
+    weights_note: str | None = None
+
+    @property
+    def read_remotely(self) -> bool:
+        """Whether the teacher's weights were read from the Hub by byte ranges, without downloading its files."""
+        return self.weights_source == "remote"
+
+    @property
+    def weights_summary(self) -> str:
+        """One sentence on how the teacher's weights were read, e.g. for the model card and the CLI."""
+        if self.weights_source == "module":
+            return "taken from the given teacher model"
+        if self.weights_source in ("local", "cache"):
+            where = "a local folder" if self.weights_source == "local" else "the local Hugging Face cache"
+            return f"read from {where} ({_bytes(self.teacher_size)} of weight files)"
+        if self.weights_source == "download":
+            return f"downloaded ({_bytes(self.bytes_read)}): {self.weights_note}"
+        share = f", {self.bytes_read / self.teacher_size:.0%}" if self.teacher_size else ""
+        return (f"read from the Hub by byte ranges: {_bytes(self.bytes_read)} of {_bytes(self.teacher_size)} of "
+                f"weight files{share}, without downloading them")
 
     def save(self, output_dir: str | os.PathLike, *, overwrite: bool = False, repo_id: str | None = None) -> Path:
         """Write weights, config, preprocessing and model card to `output_dir` atomically; see `save_student`."""
@@ -85,7 +116,10 @@ def initialize_student(
 
     The student is checked and built from the configs before any teacher weight is fetched or read. The teacher is
     then read tensor by tensor from its safetensors files when given as a reference, so a teacher larger than memory
-    works and peak memory stays near the student's size plus one teacher tensor. The student takes the teacher's
+    works and peak memory stays near the student's size plus one teacher tensor. A teacher on the Hub with
+    safetensors weights is not downloaded: only the byte ranges of the tensors the student maps to are read
+    (`hf_regtools.remote.RemoteCheckpointReader`); one with only PyTorch weights is downloaded, with a warning. The
+    local folder, cache and `HF_HUB_OFFLINE=1` paths read local files. The student takes the teacher's
     preprocessing (image processor, timm data config) when it keeps the inputs it depends on (image size, patch
     size, channels), and the teacher's license.
 
@@ -111,7 +145,8 @@ def initialize_student(
             an iterable of batches) whose columns are the teacher's inputs (`pixel_values`; `input_ids` and
             `attention_mask`); a folder saved with `save_to_disk` or a Hub dataset id may be given here or as the
             config's `calibration_data`.
-        progress (`bool`, *optional*): show a progress bar over the tensors; see `select_weights`.
+        progress (`bool`, *optional*): show progress bars over the tensors and, for a teacher read from the Hub, the
+            bytes read; see `select_weights`.
 
     Example:
 
@@ -156,7 +191,7 @@ def initialize_student(
     else:
         data, calibration = None, None
         config = replace(config, calibration_data=str(calibration_data))
-    scores = None
+    scores, weights = None, None
     if config.uses_calibration:
         if data is None:
             data, calibration = _load_calibration_data(config)
@@ -170,14 +205,21 @@ def initialize_student(
             raise WeightSelectionError(
                 f"calibration data was given, but mode is {config.mode!r} and layers {config.layers!r}: pass "
                 'mode="importance" (--selection importance) and/or layers="importance", or drop the calibration data')
-        teacher_weights = teacher if resolved is None else CheckpointReader(hub.fetch_weights(resolved).folder)
-    report = select_weights(teacher_weights, model, progress=progress, scores=scores, teacher_config=teacher_config,
-                            **config.selection_kwargs())
+        weights = None if resolved is None else open_teacher_weights(resolved, progress=progress)
+        teacher_weights = teacher if weights is None else weights.tensors
+    try:
+        report = select_weights(teacher_weights, model, progress=progress, scores=scores,
+                                teacher_config=teacher_config, **config.selection_kwargs())
+    finally:
+        if weights is not None:
+            weights.tensors.close()
+    read = {} if weights is None else dict(weights_source=weights.source, bytes_read=weights.bytes_read,
+                                           teacher_size=weights.size, weights_note=weights.note)
     return SelectedStudent(model=model, report=report, library=library, teacher=teacher_name,
                            teacher_revision=teacher_revision, config=config, student_source=source,
                            teacher_on_hub=on_hub, preprocessing=preprocessing, preprocessing_files=files,
                            license=teacher_license, license_source=license_source, calibration=calibration,
-                           scores=scores)
+                           scores=scores, **read)
 
 
 def _load_calibration_data(config: WeightSelectionConfig):
@@ -391,7 +433,7 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
         image_processor=any(path.name == "preprocessor_config.json" for path in result.preprocessing_files),
         tokenizer=any(name in hub.PREPROCESSING_FILES["tokenizer"] for name in
                       (path.name for path in result.preprocessing_files)),
-        task=task, layers=result.report.layer_map,
+        task=task, layers=result.report.layer_map, teacher_weights=result.weights_summary,
     )
 
 
@@ -414,6 +456,11 @@ def _card_settings(result: SelectedStudent) -> dict:
         settings["calibration_data"] = result.calibration
         settings["calibration_batch_size"] = result.config.calibration_batch_size
     return settings
+
+
+def _bytes(count: int | None) -> str:
+    """`"12,345,678 bytes (11.8 MiB)"`."""
+    return "an unknown size" if count is None else f"{count:,} bytes ({count / 2**20:.1f} MiB)"
 
 
 def _architecture_summary(result: SelectedStudent) -> str:
