@@ -12,6 +12,13 @@ a ViT teacher (width 64, depth 4) is trained on the digits; a student (width 32,
 selection from it (`select_weights`, classifier kept: same label space) is then distilled from it, next to the
 same student without distillation and the student from random initialization. Prints the test accuracies.
 
+`--experiment weight-selection-text`: the same combination for a language model: a Llama-layout decoder teacher
+(width 64, 4 layers, grouped-query attention) is trained on byte tokens of the Python standard library's own source
+files; a student (width 32, 2 layers) is cut from it with `initialize_student` and distilled from it (the kl loss on
+every token's next-byte distribution), next to the same student without distillation and from random
+initialization. Prints the validation losses (next-byte cross-entropy on the other half of the standard library).
+It trains one epoch over 8,192 windows of 64 bytes in batches of 16 at learning rate 3e-3 unless told otherwise.
+
 `--experiment kernel`: the paper's theory, `kernel_self_distillation` on 40 noisy samples of sin(3x) (RBF kernel,
 the constraint eps): prints c_t and the training and test errors per round until the collapse, and plots the
 coefficients per eigen-direction and the test error per round to `<output_dir>/kernel_self_distillation.png`.
@@ -20,6 +27,7 @@ One process (CPU or GPU):
 
     python examples/self_distillation.py --experiment rounds --rounds 4 --model transformers-vit
     python examples/self_distillation.py --experiment weight-selection --loss kl --temperature 2 --alpha 0.5
+    python examples/self_distillation.py --experiment weight-selection-text --loss kl --alpha 0.5
 
 Several processes (DDP; the teacher is replicated on every process; on CPU give each process one thread):
 
@@ -37,14 +45,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _digits import MODEL_HELP, accuracy, build_model, digits, trainer_defaults
-from transformers import HfArgumentParser, Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
+from transformers import (AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, ViTConfig,
+                          ViTForImageClassification, set_seed)
 
 from hf_regtools import RegtoolsTrainerMixin
 from hf_regtools.self_distillation import (DistillationConfig, DistillationTrainerMixin, kernel_self_distillation,
                                            run_self_distillation)
-from hf_regtools.weight_selection import select_weights
+from hf_regtools.testing.stdlib_text import VOCAB_SIZE, stdlib_dataset
+from hf_regtools.weight_selection import initialize_student, select_weights
 
-EXPERIMENTS = ("rounds", "weight-selection", "kernel")
+EXPERIMENTS = ("rounds", "weight-selection", "weight-selection-text", "kernel")
+TEXT_SEQUENCES = 8192
+TEXT_DEFAULTS = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 3e-3}
 
 
 @dataclass
@@ -58,8 +70,10 @@ class ExampleArguments:
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kl loss"})
     alpha: float = field(default=0.0, metadata={"help": "weight of the true labels (0: pure prediction)"})
     eps: float = field(default=0.02, metadata={"help": "kernel: the training-error constraint"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training images"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N test images"})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": f"use only the first N training images (text: windows of 64 bytes, default {TEXT_SEQUENCES})"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "use only the first N test images (text: validation windows, default 256)"})
 
 
 class DistillTrainer(DistillationTrainerMixin, Trainer):
@@ -138,6 +152,46 @@ def experiment_weight_selection(example, training_args, train, test):
     return table(rows, ("model", "test accuracy")), results
 
 
+def decoder(hidden_size: int, layers: int, heads: int, kv_heads: int):
+    config = AutoConfig.for_model("llama", vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  intermediate_size=2 * hidden_size, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def experiment_weight_selection_text(example, training_args):
+    output = Path(training_args.output_dir)
+    train = stdlib_dataset("train", max_sequences=example.max_train_samples or TEXT_SEQUENCES)
+    validation = stdlib_dataset("validation", max_sequences=example.max_eval_samples or 256)
+
+    def fit(name, model, trainer_class, **kwargs):
+        trainer = trainer_class(model, with_output_dir(training_args, output / name), train_dataset=train,
+                                eval_dataset=validation, **kwargs)
+        trainer.train()
+        trainer.save_model()
+        return trainer.evaluate()["eval_loss"]
+
+    set_seed(training_args.seed)
+    teacher = decoder(64, 4, 4, 2)
+    results = {"teacher (64 wide, 4 layers)": fit("teacher", teacher, PlainTrainer)}
+
+    def student(selected: bool):
+        set_seed(training_args.seed + 1)
+        if selected:
+            return initialize_student(teacher, hidden_size=32, depth=2, num_heads=2, progress=False).model
+        return decoder(32, 2, 2, 1)
+
+    distill = dict(teacher=copy.deepcopy(teacher), distillation=distillation_settings(example))
+    results["student, random init"] = fit("random", student(False), PlainTrainer)
+    results["student, random init + distillation"] = fit("random_distilled", student(False), DistillTrainer,
+                                                         **distill)
+    results["student, weight selection"] = fit("selected", student(True), PlainTrainer)
+    results["student, weight selection + distillation"] = fit("selected_distilled", student(True), DistillTrainer,
+                                                              **distill)
+    rows = [(name, f"{value:.4f}") for name, value in results.items()]
+    return table(rows, ("model", "validation loss (next byte)")), results
+
+
 def experiment_kernel(example, training_args):
     import numpy as np
 
@@ -184,6 +238,8 @@ def plot_kernel(result, test_errors, path, directions: int = 10):
 def main(argv: list[str] | None = None) -> None:
     parser = HfArgumentParser((ExampleArguments, TrainingArguments), description=__doc__.splitlines()[0])
     parser.set_defaults(**trainer_defaults("outputs/self_distillation"))
+    if parser.parse_known_args(args=argv)[0].experiment == "weight-selection-text":
+        parser.set_defaults(**TEXT_DEFAULTS)
     example, training_args = parser.parse_args_into_dataclasses(args=argv)
     try:
         DistillationConfig(**distillation_settings(example))
@@ -192,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(training_args.seed)
     if example.experiment == "kernel":
         text, results = experiment_kernel(example, training_args)
+    elif example.experiment == "weight-selection-text":
+        text, results = experiment_weight_selection_text(example, training_args)
     else:
         train = digits("train", limit=example.max_train_samples)
         test = digits("test", limit=example.max_eval_samples)

@@ -58,6 +58,9 @@ class ModelFamily:
         paired_factors (`tuple[str, ...]`): factors selected in rotary pairs (a RoPE head dimension).
         tied (`tuple[tuple[str, str], ...]`): `(student key regex, teacher key)`: a student tensor tied to another
             reads that teacher tensor when the checkpoint does not store it (tied word embeddings).
+        fixed_depth (`bool`): the keys number layers in a way that layer selection cannot remap (timm VGG's flat
+            `features` sequence), so weight selection needs the student to have every teacher tensor, under the
+            same key: only widths may shrink.
     """
 
     library: str
@@ -78,6 +81,7 @@ class ModelFamily:
     factor_sizes: Callable[[Any], dict[str, int]] | None = None
     paired_factors: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
+    fixed_depth: bool = False
 
     @property
     def label(self) -> str:

@@ -70,9 +70,15 @@ def load_config(folder: str | Path) -> TimmModelConfig:
 
 
 def config_of(model: torch.nn.Module) -> TimmModelConfig:
-    architecture = model.pretrained_cfg.get("architecture") or type(model).__name__
-    return TimmModelConfig(architecture, dict(getattr(model, "_model_args", {})), model.num_classes,
-                           dict(model.pretrained_cfg))
+    """The config `timm.create_model` recorded on `model` (architecture, arguments, pretrained_cfg)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if not pretrained_cfg or not timm.is_model(pretrained_cfg.get("architecture")):
+        raise UnsupportedModelError(
+            f"this timm {type(model).__name__} was built from its class, not by timm.create_model, so it has no "
+            "architecture name to rebuild or save it under; build it with timm.create_model(name, **kwargs), or "
+            "initialize it in place with select_weights(teacher, student)")
+    return TimmModelConfig(pretrained_cfg["architecture"], dict(getattr(model, "_model_args", {})), model.num_classes,
+                           dict(pretrained_cfg))
 
 
 def model_name(config: TimmModelConfig) -> str:

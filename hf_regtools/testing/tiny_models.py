@@ -124,6 +124,17 @@ def timm_resnet(*, channels: tuple[int, ...] = (8, 16, 32, 64), layers: tuple[in
                   stem_width=channels[0], num_classes=num_classes, **kwargs)
 
 
+def timm_vgg(*, widths: tuple[int, ...] = (16, 32, 32), mlp_ratio: float = 1 / 256, num_classes: int = 3,
+             batch_norm: bool = True) -> torch.nn.Module:
+    """A tiny timm `VGG`: one convolution in the first stage and the rest in the second (a pool after each stage),
+    BatchNorm after each convolution, a head MLP `4096 * mlp_ratio` wide."""
+    from timm.models.vgg import VGG
+
+    cfg = [widths[0], "M", *widths[1:], "M"]
+    return VGG(cfg, num_classes=num_classes, mlp_ratio=mlp_ratio,
+               norm_layer=torch.nn.BatchNorm2d if batch_norm else None)
+
+
 def timm_resnet_classifier(**kwargs) -> TimmClassifier:
     """A tiny timm ResNet (`timm_resnet(**kwargs)`) in a `TimmClassifier` user module."""
     return TimmClassifier(timm_resnet(**kwargs))
@@ -261,9 +272,11 @@ TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
 }
 TEACHERS[("transformers", "llama")] = transformers_llama
+TEACHERS[("timm", "vgg")] = timm_vgg
 
 _STUDENT_ARGS = {
-    "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
+    "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
+             "vgg": dict(widths=(8, 16, 16), mlp_ratio=1 / 512)},
     "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
                      "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
                      "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

@@ -224,6 +224,8 @@ def select_weights(
             f"{len(missing)} student tensors have no teacher counterpart: {_preview(missing)}. The student must be "
             "of the teacher's family and no deeper than the teacher (per stage for ConvNeXt)."
         )
+    if family.fixed_depth:
+        _check_same_layers(family, teacher_tensors, student_tensors)
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
 
@@ -365,6 +367,16 @@ def _matching_family(teacher_tensors, student_tensors) -> ModelFamily:
             "weight selection needs the same architecture family"
         )
     return student_family
+
+
+def _check_same_layers(family: ModelFamily, teacher_tensors, student_tensors) -> None:
+    """Raise unless the student has every teacher tensor, under the same key (`ModelFamily.fixed_depth`)."""
+    extra = [key for key in teacher_tensors if key not in student_tensors]
+    if extra:
+        raise WeightSelectionError(
+            f"the teacher ({family.label}) has tensors the student lacks: {_preview(extra)}. Its layers are numbered "
+            "in one flat sequence, so the student must have the teacher's layers in the same places; only their "
+            "widths may be smaller (build the student with the teacher's layer configuration and narrower channels)")
 
 
 def _skipped_keys(family: ModelFamily, student_tensors, skip, keep_classifier: bool) -> dict[str, str]:

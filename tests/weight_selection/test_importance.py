@@ -278,3 +278,48 @@ def test_initialize_student_and_command_line(tmp_path):
     uniform = cli.main(["select", str(tmp_path / "teacher"), "--hidden-size", "8", "--depth", "2", "--num-heads", "1",
                         "--output", str(tmp_path / "uniform")])
     assert uniform == 0 and "calibration" not in (tmp_path / "uniform" / "README.md").read_text()
+
+
+def test_llama_scores_equal_a_hand_computation_and_selection_keeps_query_groups():
+    torch.manual_seed(0)
+    teacher = TEACHERS["transformers", "llama"](head_dim=16)  # 4 query heads of 16 in 2 groups of 2, hidden 32
+    ids = torch.randint(0, teacher.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 7] * 3})
+    seen = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].detach()))
+             for name, module in teacher.named_modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    expected = {"hidden": sum(mean_abs(x) for name, x in seen.items()
+                              if not name.endswith(("o_proj", "down_proj"))), "head_dim": torch.zeros(16)}
+    for layer in range(4):
+        per_head = mean_abs(seen[f"model.layers.{layer}.self_attn.o_proj"]).view(2, 2, 16)
+        expected[f"kv_heads{layer}"] = per_head.sum((1, 2))
+        expected[f"group{layer}"] = per_head.sum((0, 2))
+        expected["head_dim"] += per_head.sum((0, 1))
+        expected[f"mlp{layer}"] = mean_abs(seen[f"model.layers.{layer}.mlp.down_proj"])
+
+    scores = importance_scores(teacher, data, block_influence=False)
+    assert scores.axes.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(scores.axes[name], value, atol=ATOL, rtol=1e-5, msg=name)
+
+    result = initialize_student(teacher, hidden_size=16, depth=2, num_heads=2, num_key_value_heads=1, head_dim=8,
+                                mode="importance", calibration_data=data)
+    student, chosen = result.model, result.report.index_sets
+    half = top_indices(scores.axes["head_dim"][:8] + scores.axes["head_dim"][8:], 4)
+    assert torch.equal(chosen["head_dim"], torch.cat([half, half + 8]))  # rotary pairs, scored together
+    hidden = top_indices(scores.axes["hidden"], 16)
+    for layer in range(2):
+        kv, group = chosen[f"kv_heads{layer}"], chosen[f"group{layer}"]
+        assert torch.equal(kv, top_indices(scores.axes[f"kv_heads{layer}"], 1))
+        assert torch.equal(group, top_indices(scores.axes[f"group{layer}"], 2))
+        teacher_attention = teacher.model.layers[layer].self_attn
+        query_rows = ((kv[:, None, None] * 2 + group[None, :, None]) * 16 + chosen["head_dim"]).reshape(-1)
+        key_rows = (kv[:, None] * 16 + chosen["head_dim"]).reshape(-1)
+        attention = student.model.layers[layer].self_attn
+        assert torch.equal(attention.q_proj.weight, teacher_attention.q_proj.weight[query_rows][:, hidden])
+        assert torch.equal(attention.k_proj.weight, teacher_attention.k_proj.weight[key_rows][:, hidden])
+    assert student.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 10)
