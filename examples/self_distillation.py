@@ -17,7 +17,9 @@ same student without distillation and the student from random initialization. Pr
 files; a student (width 32, 2 layers) is cut from it with `initialize_student` and distilled from it (the kl loss on
 every token's next-byte distribution), next to the same student without distillation and from random
 initialization. Prints the validation losses (next-byte cross-entropy on the other half of the standard library).
-It trains one epoch over 8,192 windows of 64 bytes in batches of 16 at learning rate 3e-3 unless told otherwise.
+Unless told otherwise, the students train one epoch over 8,192 windows of 64 bytes in batches of 16 at learning rate
+3e-3, and the teacher four (`--teacher_epochs`): weight selection starts the student from a better model than
+itself, as a pretrained teacher would be.
 
 `--experiment kernel`: the paper's theory, `kernel_self_distillation` on 40 noisy samples of sin(3x) (RBF kernel,
 the constraint eps): prints c_t and the training and test errors per round until the collapse, and plots the
@@ -56,7 +58,7 @@ from hf_regtools.weight_selection import initialize_student, select_weights
 
 EXPERIMENTS = ("rounds", "weight-selection", "weight-selection-text", "kernel")
 TEXT_SEQUENCES = 8192
-TEXT_DEFAULTS = {"num_train_epochs": 1, "per_device_train_batch_size": 16, "learning_rate": 3e-3}
+TEXT_DEFAULTS = {"num_train_epochs": 1, "teacher_epochs": 4, "per_device_train_batch_size": 16, "learning_rate": 3e-3}
 
 
 @dataclass
@@ -69,6 +71,8 @@ class ExampleArguments:
     loss: str = field(default="mse", metadata={"help": "distillation loss", "choices": ("mse", "kl")})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the kl loss"})
     alpha: float = field(default=0.0, metadata={"help": "weight of the true labels (0: pure prediction)"})
+    teacher_epochs: float | None = field(default=None, metadata={
+        "help": "weight-selection experiments: the teacher's epochs (default: --num_train_epochs; text: 4)"})
     eps: float = field(default=0.02, metadata={"help": "kernel: the training-error constraint"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": f"use only the first N training images (text: windows of 64 bytes, default {TEXT_SEQUENCES})"})
@@ -120,34 +124,49 @@ def vit(hidden_size: int, layers: int, heads: int) -> ViTForImageClassification:
                                                intermediate_size=2 * hidden_size, num_labels=10))
 
 
-def experiment_weight_selection(example, training_args, train, test):
+def compare_students(example, training_args, train, test, *, teacher, teacher_name, student, metric, **trainer_kwargs):
+    """Train the teacher, then the student (`student(selected)`: from random init, or by weight selection from the
+    trained teacher) with and without distillation from it; returns `{model: eval metric}`."""
     output = Path(training_args.output_dir)
 
-    def fit(name, model, trainer_class, **kwargs):
-        trainer = trainer_class(model, with_output_dir(training_args, output / name), train_dataset=train,
-                                eval_dataset=test, compute_metrics=accuracy, **kwargs)
+    def fit(name, model, trainer_class, args=training_args, **kwargs):
+        trainer = trainer_class(model, with_output_dir(args, output / name), train_dataset=train,
+                                eval_dataset=test, **trainer_kwargs, **kwargs)
         trainer.train()
         trainer.save_model()
-        return trainer.evaluate()["eval_accuracy"]
+        return trainer.evaluate()[f"eval_{metric}"]
 
+    teacher_args = training_args
+    if example.teacher_epochs is not None:
+        teacher_args = TrainingArguments(**{**training_args.to_dict(), "num_train_epochs": example.teacher_epochs})
+    results = {teacher_name: fit("teacher", teacher, PlainTrainer, teacher_args)}
+
+    def seeded_student(selected: bool):
+        set_seed(training_args.seed + 1)
+        return student(selected)
+
+    distill = dict(teacher=copy.deepcopy(teacher), distillation=distillation_settings(example))
+    results["student, random init"] = fit("random", seeded_student(False), PlainTrainer)
+    results["student, random init + distillation"] = fit("random_distilled", seeded_student(False), DistillTrainer,
+                                                         **distill)
+    results["student, weight selection"] = fit("selected", seeded_student(True), PlainTrainer)
+    results["student, weight selection + distillation"] = fit("selected_distilled", seeded_student(True),
+                                                              DistillTrainer, **distill)
+    return results
+
+
+def experiment_weight_selection(example, training_args, train, test):
     set_seed(training_args.seed)
     teacher = vit(64, 4, 4)
-    results = {"teacher (64 wide, 4 deep)": fit("teacher", teacher, PlainTrainer)}
 
     def student(selected: bool):
-        set_seed(training_args.seed + 1)
         model = vit(32, 2, 2)
         if selected:
             select_weights(teacher, model, keep_classifier=True)
         return model
 
-    distill = dict(teacher=copy.deepcopy(teacher), distillation=distillation_settings(example))
-    results["student, random init"] = fit("random", student(False), PlainTrainer)
-    results["student, random init + distillation"] = fit("random_distilled", student(False), DistillTrainer,
-                                                         **distill)
-    results["student, weight selection"] = fit("selected", student(True), PlainTrainer)
-    results["student, weight selection + distillation"] = fit("selected_distilled", student(True), DistillTrainer,
-                                                              **distill)
+    results = compare_students(example, training_args, train, test, teacher=teacher, student=student,
+                               teacher_name="teacher (64 wide, 4 deep)", metric="accuracy", compute_metrics=accuracy)
     rows = [(name, f"{value:.4f}") for name, value in results.items()]
     return table(rows, ("model", "test accuracy")), results
 
@@ -160,34 +179,18 @@ def decoder(hidden_size: int, layers: int, heads: int, kv_heads: int):
 
 
 def experiment_weight_selection_text(example, training_args):
-    output = Path(training_args.output_dir)
     train = stdlib_dataset("train", max_sequences=example.max_train_samples or TEXT_SEQUENCES)
     validation = stdlib_dataset("validation", max_sequences=example.max_eval_samples or 256)
-
-    def fit(name, model, trainer_class, **kwargs):
-        trainer = trainer_class(model, with_output_dir(training_args, output / name), train_dataset=train,
-                                eval_dataset=validation, **kwargs)
-        trainer.train()
-        trainer.save_model()
-        return trainer.evaluate()["eval_loss"]
-
     set_seed(training_args.seed)
     teacher = decoder(64, 4, 4, 2)
-    results = {"teacher (64 wide, 4 layers)": fit("teacher", teacher, PlainTrainer)}
 
     def student(selected: bool):
-        set_seed(training_args.seed + 1)
         if selected:
             return initialize_student(teacher, hidden_size=32, depth=2, num_heads=2, progress=False).model
         return decoder(32, 2, 2, 1)
 
-    distill = dict(teacher=copy.deepcopy(teacher), distillation=distillation_settings(example))
-    results["student, random init"] = fit("random", student(False), PlainTrainer)
-    results["student, random init + distillation"] = fit("random_distilled", student(False), DistillTrainer,
-                                                         **distill)
-    results["student, weight selection"] = fit("selected", student(True), PlainTrainer)
-    results["student, weight selection + distillation"] = fit("selected_distilled", student(True), DistillTrainer,
-                                                              **distill)
+    results = compare_students(example, training_args, train, validation, teacher=teacher, student=student,
+                               teacher_name="teacher (64 wide, 4 layers)", metric="loss")
     rows = [(name, f"{value:.4f}") for name, value in results.items()]
     return table(rows, ("model", "validation loss (next byte)")), results
 
