@@ -64,8 +64,9 @@ class RemoteCheckpointReader(CheckpointReader):
         token (`str`, *optional*): Hub token; defaults to the usual environment / `hf auth login`. Never printed.
         endpoint (`str`, *optional*): Hub endpoint; defaults to `HF_ENDPOINT` (`huggingface_hub.constants.ENDPOINT`).
         key_map (`dict[str, str]`, *optional*): see `CheckpointReader`.
-        progress (`bool`, *optional*): show a progress bar over the bytes read (tqdm on stderr); by default as
-            `select_weights` decides for its own bar (stderr is a terminal and progress bars are enabled).
+        progress (`bool`, *optional*): show a progress bar over the bytes to read (tqdm on stderr). By default it
+            shows as huggingface_hub's download bars do (its tqdm: on unless `HF_HUB_DISABLE_PROGRESS_BARS=1` or
+            `huggingface_hub.utils.disable_progress_bars()`, terminal or not); `True` or `False` force it.
         max_gap (`int`, *optional*): two needed tensors of a group at most this many bytes apart are read in one
             request, the bytes between them included (class default: 1 MiB).
         max_request (`int`, *optional*): most bytes one request (and one group of tensors held in memory) spans,
@@ -165,15 +166,15 @@ class RemoteCheckpointReader(CheckpointReader):
             planned.append(ranges)
             transfer.groups.update({key: ranges for key in keys_of_group})
         self.close()
-        from .weight_selection.functional import show_progress
-
-        if show_progress(self._progress):
+        if self._progress is not False:
             import sys
 
-            from tqdm import tqdm
+            import tqdm as forced
+            from huggingface_hub.utils import tqdm
 
+            bar = forced.tqdm if self._progress else tqdm
             total = sum(r.end - r.start for ranges in planned for r in ranges)
-            transfer.bar = tqdm(total=total, desc=f"reading {self.repo_id}", unit="B", unit_scale=True,
+            transfer.bar = bar(total=total, desc=f"reading {self.repo_id}", unit="B", unit_scale=True,
                                 unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
         return planned
 

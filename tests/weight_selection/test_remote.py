@@ -8,6 +8,7 @@ by `HfApi.get_safetensors_metadata`).
 """
 
 import logging
+import re
 import uuid
 from fnmatch import fnmatch
 from dataclasses import dataclass, field
@@ -198,9 +199,16 @@ def test_cli_prints_the_bytes_read_and_leaves_no_output_when_reads_keep_failing(
     fake_hub.add_fault("GET", rf"^/{bad}/resolve/[0-9a-f]{{40}}/model\.safetensors$", None, after_bytes=10, skip=1)
     calls = [["select", good, "--hidden-size", "32", "--depth", "4", "--output", str(tmp_path / "out_good")],
              ["select", bad, "--hidden-size", "32", "--depth", "4", "--output", str(tmp_path / "out_bad")]]
-    codes, out, err = cli(calls, hub_env)
+    bars_enabled = {key: value for key, value in hub_env.items() if key != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    codes, out, err = cli(calls, bars_enabled)
     assert codes == [0, 2], err
     assert "teacher weights: read from the Hub by byte ranges:" in out
+    bar = re.search(rf"reading {good}: 100%\|.*\| ([\d.]+[kMG]?)/([\d.]+[kMG]?) \[.*B/s\]", err)
+    assert bar and bar[1] == bar[2], err  # the progress bar over the bytes, complete
+    (tmp_path / "quiet").mkdir()
+    codes, _, quiet_err = cli([[*calls[0][:-1], str(tmp_path / "quiet")]],
+                              {**bars_enabled, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    assert codes == [0] and "reading " not in quiet_err, quiet_err
     assert "connection failed 4 times" in err
     assert not (tmp_path / "out_bad").exists()
     card = ModelCard.load(tmp_path / "out_good" / "README.md")
