@@ -179,13 +179,15 @@ def test_a_dropped_connection_is_retried(tmp_path, fake_hub, monkeypatch):
     repo_id = _pushed(case, tmp_path / "teacher")
     local = _cut(tmp_path / "teacher", case)
     monkeypatch.setattr(RemoteCheckpointReader, "backoff", 0.01)
-    dropped_after = 1000
+    dropped_after = 300_000
     weights = rf"^/{repo_id}/resolve/[0-9a-f]{{40}}/model\.safetensors$"
     fake_hub.add_fault("GET", weights, None, after_bytes=dropped_after, times=1, skip=1)  # skip the header read
     fake_hub.bytes_sent = 0
     remote = _cut(repo_id, case)
     _assert_same_student(remote, local)
-    assert fake_hub.bytes_sent == remote.bytes_read + dropped_after + _metadata_bytes(tmp_path / "teacher")
+    # resumed from the byte where the read stopped: at most the last chunk received (requests) is sent again
+    selected_and_headers = remote.bytes_read + _metadata_bytes(tmp_path / "teacher")
+    assert selected_and_headers <= fake_hub.bytes_sent < selected_and_headers + dropped_after
 
     fake_hub.add_fault("GET", weights, None, after_bytes=dropped_after, skip=1)
     with pytest.raises(HubError, match=r"cannot read bytes \d+-\d+ of 'model.safetensors' in .*: the connection "
