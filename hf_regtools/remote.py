@@ -3,8 +3,8 @@
 `RemoteCheckpointReader` is the `CheckpointReader` of a Hub repo with safetensors weights: the headers come from
 `HfApi.get_safetensors_metadata` (one small ranged read per file, the shard index followed) and the file sizes from
 one tree listing; then `plan_reads(keys)` groups the tensors a selection needs, in the order it reads them, and
-coalesces each group into few ranged `GET`s, made with huggingface_hub's own HTTP client and retry helper
-(`http_backoff`), the user's token and the revision pinned to a commit sha. Tensors are decoded from the bytes one
+coalesces each group into few ranged `GET`s, streamed through huggingface_hub's own HTTP client with the user's
+token and the revision pinned to a commit sha, and resumed from the byte where a dropped read stopped. Tensors are decoded from the bytes one
 group at a time, so memory stays near the largest group (at most `max_request` bytes, or one larger tensor) plus the
 student. `open_teacher_weights` picks the remote reader, the local files or a download for a resolved teacher.
 """
