@@ -171,3 +171,24 @@ def hub_client_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[Bas
         connection = (client.exceptions.ConnectionError, client.exceptions.ChunkedEncodingError)
         timeout = (client.exceptions.Timeout,)
     return (http,), (*connection, ConnectionError), (*timeout, TimeoutError)
+
+
+@contextmanager
+def hub_stream_get(url: str, *, headers: dict[str, str], timeout: float | None):
+    """`GET url` through huggingface_hub's HTTP client, streamed: yields `(response, chunks)`, the response (status
+    and headers read) and an iterator over its body. huggingface_hub 0.x (`requests`) streams with
+    `get_session().get(stream=True)` (when the connection drops, the bytes of the chunk being read are lost), 1.x and
+    later (httpx) with `get_session().stream`. Errors of the connection, also in the middle of the body, are the
+    client's (see `hub_client_errors`)."""
+    from huggingface_hub.utils import get_session
+
+    session = get_session()
+    if callable(getattr(session, "stream", None)):  # httpx (a requests session has a `stream` flag)
+        with session.stream("GET", url, headers=headers, timeout=timeout, follow_redirects=True) as response:
+            yield response, response.iter_bytes()
+    else:
+        response = session.get(url, headers=headers, timeout=timeout, stream=True)
+        try:
+            yield response, response.iter_content(chunk_size=2**16)  # a dropped connection loses the last chunk
+        finally:
+            response.close()

@@ -3,8 +3,8 @@
 `RemoteCheckpointReader` is the `CheckpointReader` of a Hub repo with safetensors weights: the headers come from
 `HfApi.get_safetensors_metadata` (one small ranged read per file, the shard index followed) and the file sizes from
 one tree listing; then `plan_reads(keys)` groups the tensors a selection needs, in the order it reads them, and
-coalesces each group into few ranged `GET`s, made with huggingface_hub's own HTTP client and retry helper
-(`http_backoff`), the user's token and the revision pinned to a commit sha. Tensors are decoded from the bytes one
+coalesces each group into few ranged `GET`s, streamed through huggingface_hub's own HTTP client with the user's
+token and the revision pinned to a commit sha, and resumed from the byte where a dropped read stopped. Tensors are decoded from the bytes one
 group at a time, so memory stays near the largest group (at most `max_request` bytes, or one larger tensor) plus the
 student. `open_teacher_weights` picks the remote reader, the local files or a download for a resolved teacher.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .checkpoint import _Entry, _weight_files
 logger = logging.getLogger(__name__)
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+_TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
 
 
 @dataclass
@@ -64,8 +66,9 @@ class RemoteCheckpointReader(CheckpointReader):
         token (`str`, *optional*): Hub token; defaults to the usual environment / `hf auth login`. Never printed.
         endpoint (`str`, *optional*): Hub endpoint; defaults to `HF_ENDPOINT` (`huggingface_hub.constants.ENDPOINT`).
         key_map (`dict[str, str]`, *optional*): see `CheckpointReader`.
-        progress (`bool`, *optional*): show a progress bar over the bytes read (tqdm on stderr); by default as
-            `select_weights` decides for its own bar (stderr is a terminal and progress bars are enabled).
+        progress (`bool`, *optional*): show a progress bar over the bytes to read (tqdm on stderr). By default it
+            shows as huggingface_hub's download bars do (its tqdm: on unless `HF_HUB_DISABLE_PROGRESS_BARS=1` or
+            `huggingface_hub.utils.disable_progress_bars()`, terminal or not); `True` or `False` force it.
         max_gap (`int`, *optional*): two needed tensors of a group at most this many bytes apart are read in one
             request, the bytes between them included (class default: 1 MiB).
         max_request (`int`, *optional*): most bytes one request (and one group of tensors held in memory) spans,
@@ -165,15 +168,15 @@ class RemoteCheckpointReader(CheckpointReader):
             planned.append(ranges)
             transfer.groups.update({key: ranges for key in keys_of_group})
         self.close()
-        from .weight_selection.functional import show_progress
-
-        if show_progress(self._progress):
+        if self._progress is not False:
             import sys
 
-            from tqdm import tqdm
+            import tqdm as forced
+            from huggingface_hub.utils import tqdm
 
+            bar = forced.tqdm if self._progress else tqdm
             total = sum(r.end - r.start for ranges in planned for r in ranges)
-            transfer.bar = tqdm(total=total, desc=f"reading {self.repo_id}", unit="B", unit_scale=True,
+            transfer.bar = bar(total=total, desc=f"reading {self.repo_id}", unit="B", unit_scale=True,
                                 unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
         return planned
 
@@ -211,41 +214,63 @@ class RemoteCheckpointReader(CheckpointReader):
             for key in byte_range.keys:
                 tensors[key] = _decode(data, self._entries[key], byte_range.start)
             bar = self._transfer.bar
-            if bar is not None:
-                bar.update(len(data))
-                if bar.n >= bar.total:
-                    bar.close()
+            if bar is not None and bar.n >= bar.total:
+                bar.close()
         return tensors
 
     def _fetch(self, byte_range: _Range) -> bytearray:
-        """The bytes of `byte_range`, retried with exponential backoff when the connection drops or times out."""
+        """The bytes of `byte_range`. A request whose connection drops or times out, or that is answered with a
+        transient status (429, 5xx), is retried with exponential backoff from the first byte not yet received."""
         from huggingface_hub import constants, hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
-        from ._compat import hub_client_errors
+        from ._compat import hub_client_errors, hub_stream_get
 
         file, start, end = byte_range.file, byte_range.start, byte_range.end
         url = hf_hub_url(self.repo_id, file, revision=self.revision, endpoint=self.endpoint)
-        headers = {**build_hf_headers(token=self.token), "Range": f"bytes={start}-{end - 1}"}
+        headers = build_hf_headers(token=self.token)
         _, connection, timeout = hub_client_errors()
         where = f"bytes {start}-{end - 1} of {file!r} in {self.repo_id!r} @ {self.revision}"
+        data, bar = bytearray(), self._transfer.bar
         with hub.hub_errors(f"cannot read bytes {start}-{end - 1} of {file!r} from", self.repo_id):
-            try:
-                response = http_backoff("GET", url, headers=headers, max_retries=self.attempts - 1,
-                                        base_wait_time=self.backoff, max_wait_time=self.backoff * 2 ** self.attempts,
-                                        retry_on_exceptions=(*connection, *timeout),
-                                        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-            except (*connection, *timeout) as error:
-                raise hub.HubError(
-                    f"cannot read {where}: the connection failed {self.attempts} times "
-                    f"({hub._network_reason(error)}); check the network and try again") from error
-            hf_raise_for_status(response)
-        data = bytearray(response.content)
-        if response.status_code == 200 and len(data) == self.file_sizes[file]:  # a server ignoring `Range`
-            data = data[start:end]
-        if len(data) != end - start:
-            raise hub.HubError(f"cannot read {where}: the Hub answered {len(data)} bytes instead of {end - start}; "
-                               "try again")
+            for attempt in range(1, self.attempts + 1):
+                offset = start + len(data)
+                try:
+                    with hub_stream_get(url, headers={**headers, "Range": f"bytes={offset}-{end - 1}"},
+                                        timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as (response, chunks):
+                        status = response.status_code
+                        if status in _TRANSIENT_STATUSES and attempt < self.attempts:
+                            reason = f"the Hub answered {status}"
+                        else:
+                            if status >= 400:
+                                getattr(response, "read", lambda: None)()  # httpx: load the error body
+                                hf_raise_for_status(response)
+                            skip = offset if status == 200 else 0  # a server ignoring `Range` sends the whole file
+                            for chunk in chunks:
+                                if skip:
+                                    dropped = min(skip, len(chunk))
+                                    chunk, skip = chunk[dropped:], skip - dropped
+                                chunk = chunk[:end - start - len(data)]
+                                data += chunk
+                                if bar is not None:
+                                    bar.update(len(chunk))
+                                if len(data) == end - start:
+                                    break
+                            if len(data) == end - start:
+                                break
+                            reason = f"the answer ended after {len(data)} of {end - start} bytes"
+                except (*connection, *timeout) as error:
+                    if attempt == self.attempts:
+                        raise hub.HubError(
+                            f"cannot read {where}: the connection failed {self.attempts} times "
+                            f"({hub._network_reason(error)}); check the network and try again") from error
+                    reason = hub._network_reason(error)
+                if attempt == self.attempts:
+                    raise hub.HubError(f"cannot read {where}: {reason} ({self.attempts} attempts); try again")
+                wait = self.backoff * 2 ** (attempt - 1)
+                logger.warning("reading %s: %s; retrying from byte %d in %.1fs [retry %d/%d]", where, reason,
+                               start + len(data), wait, attempt, self.attempts - 1)
+                time.sleep(wait)
         self._transfer.bytes_read += len(data)
         self._transfer.requests += 1
         return data

@@ -145,8 +145,8 @@ def initialize_student(
             an iterable of batches) whose columns are the teacher's inputs (`pixel_values`; `input_ids` and
             `attention_mask`); a folder saved with `save_to_disk` or a Hub dataset id may be given here or as the
             config's `calibration_data`.
-        progress (`bool`, *optional*): show progress bars over the tensors and, for a teacher read from the Hub, the
-            bytes read; see `select_weights`.
+        progress (`bool`, *optional*): show progress bars over the tensors (see `select_weights`) and, for a teacher
+            read from the Hub, over the bytes to read (see `RemoteCheckpointReader`).
 
     Example:
 

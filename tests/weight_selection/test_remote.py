@@ -8,7 +8,9 @@ by `HfApi.get_safetensors_metadata`).
 """
 
 import logging
+import re
 import uuid
+from fnmatch import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -19,11 +21,13 @@ from huggingface_hub import ModelCard
 
 from hf_regtools._compat import transformers_checkpoint_key_map
 from hf_regtools.adapters import save_model
-from hf_regtools.checkpoint import CheckpointReader
-from hf_regtools.hub import HubError, push_folder
+from hf_regtools.checkpoint import SAFE_INDEX, CheckpointReader
+from hf_regtools.hub import CONFIG_PATTERNS, PREPROCESSING_FILES, HubError, push_folder
 from hf_regtools.remote import RemoteCheckpointReader
-from hf_regtools.testing.tiny_models import timm_vit, transformers_vit
+from hf_regtools.testing.tiny_models import timm_vit, transformers_llama, transformers_vit
 from hf_regtools.weight_selection import initialize_student, select_weights
+
+from .test_llama import VOCAB, _tokenizer
 
 _HEADER_READ = 100_001  # bytes=0-100000: the first read of `HfApi.get_safetensors_metadata` per file
 
@@ -35,18 +39,32 @@ class Case:
     build: Callable[[], torch.nn.Module]
     save: Callable[[torch.nn.Module, Path], None] = save_model
     student: dict = field(default_factory=dict)
+    tokenizer: bool = False  # the teacher has tokenizer files, which the student folder receives unchanged
 
 
 def _sharded(max_shard_size):
     return lambda model, folder: model.save_pretrained(folder, max_shard_size=max_shard_size)
 
 
-# A decoder (Llama, GPT-2) is one more entry: its tiny builder, `save_model` and its shape overrides.
+def _sharded_with_tokenizer(max_shard_size):
+    def save(model, folder):
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        _tokenizer(folder)
+
+    return save
+
+
 CASES = {
     "timm-vit": Case(lambda: timm_vit(embed_dim=64, depth=8, num_heads=4), student=dict(hidden_size=32, depth=4)),
     "transformers-vit-sharded": Case(lambda: transformers_vit(hidden_size=64, num_hidden_layers=8,
                                                               num_attention_heads=4, intermediate_size=128),
                                      save=_sharded("500KB"), student=dict(hidden_size=32, depth=4)),
+    "transformers-llama-sharded": Case(lambda: transformers_llama(hidden_size=64, num_hidden_layers=8,
+                                                                  num_attention_heads=4, num_key_value_heads=2,
+                                                                  intermediate_size=128, vocab_size=VOCAB),
+                                       save=_sharded_with_tokenizer("500KB"),
+                                       student=dict(hidden_size=32, depth=4, num_heads=2, num_key_value_heads=1),
+                                       tokenizer=True),
 }
 
 
@@ -84,9 +102,10 @@ def _selected_bytes(result, folder: Path) -> tuple[int, int]:
 
 
 def _metadata_bytes(folder: Path) -> int:
-    """What resolving the teacher and reading its headers transfer: every file but the weights (config, index) in
-    full, and the first read of each safetensors file."""
-    files = [path for path in folder.iterdir() if path.is_file()]
+    """What resolving the teacher and reading its headers transfer: the config, preprocessing (tokenizer) files and
+    shard index in full, and the first read of each safetensors file."""
+    patterns = (*CONFIG_PATTERNS, SAFE_INDEX, "*.safetensors")
+    files = [path for path in folder.iterdir() if any(fnmatch(path.name, pattern) for pattern in patterns)]
     return sum(min(_HEADER_READ, p.stat().st_size) if p.suffix == ".safetensors" else p.stat().st_size for p in files)
 
 
@@ -116,6 +135,12 @@ def test_remote_student_equals_the_local_one_and_reads_only_the_selected_tensors
     assert weight_reads and all(f"/resolve/{remote.teacher_revision}/" in path for path in weight_reads)
     again = _cut(repo_id, case)  # the metadata read cached the config and the shard index, not the weights
     assert again.weights_source == "remote" and again.bytes_read == selected
+    if case.tokenizer:
+        student = remote.save(tmp_path / "student")
+        names = [name for name in PREPROCESSING_FILES["tokenizer"] if (tmp_path / "teacher" / name).is_file()]
+        assert "tokenizer.json" in names
+        for name in names:
+            assert (student / name).read_bytes() == (tmp_path / "teacher" / name).read_bytes(), name
 
 
 def test_plan_coalesces_ranges_within_the_gap_and_request_limits(tmp_path, fake_hub):
@@ -154,13 +179,15 @@ def test_a_dropped_connection_is_retried(tmp_path, fake_hub, monkeypatch):
     repo_id = _pushed(case, tmp_path / "teacher")
     local = _cut(tmp_path / "teacher", case)
     monkeypatch.setattr(RemoteCheckpointReader, "backoff", 0.01)
-    dropped_after = 1000
+    dropped_after = 300_000
     weights = rf"^/{repo_id}/resolve/[0-9a-f]{{40}}/model\.safetensors$"
     fake_hub.add_fault("GET", weights, None, after_bytes=dropped_after, times=1, skip=1)  # skip the header read
     fake_hub.bytes_sent = 0
     remote = _cut(repo_id, case)
     _assert_same_student(remote, local)
-    assert fake_hub.bytes_sent == remote.bytes_read + dropped_after + _metadata_bytes(tmp_path / "teacher")
+    # resumed from the byte where the read stopped: at most the last chunk received (requests) is sent again
+    selected_and_headers = remote.bytes_read + _metadata_bytes(tmp_path / "teacher")
+    assert selected_and_headers <= fake_hub.bytes_sent < selected_and_headers + dropped_after
 
     fake_hub.add_fault("GET", weights, None, after_bytes=dropped_after, skip=1)
     with pytest.raises(HubError, match=r"cannot read bytes \d+-\d+ of 'model.safetensors' in .*: the connection "
@@ -174,9 +201,16 @@ def test_cli_prints_the_bytes_read_and_leaves_no_output_when_reads_keep_failing(
     fake_hub.add_fault("GET", rf"^/{bad}/resolve/[0-9a-f]{{40}}/model\.safetensors$", None, after_bytes=10, skip=1)
     calls = [["select", good, "--hidden-size", "32", "--depth", "4", "--output", str(tmp_path / "out_good")],
              ["select", bad, "--hidden-size", "32", "--depth", "4", "--output", str(tmp_path / "out_bad")]]
-    codes, out, err = cli(calls, hub_env)
+    bars_enabled = {key: value for key, value in hub_env.items() if key != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    codes, out, err = cli(calls, bars_enabled)
     assert codes == [0, 2], err
     assert "teacher weights: read from the Hub by byte ranges:" in out
+    bar = re.search(rf"reading {good}: 100%\|.*\| ([\d.]+[kMG]?)/([\d.]+[kMG]?) \[.*B/s\]", err)
+    assert bar and bar[1] == bar[2], err  # the progress bar over the bytes, complete
+    (tmp_path / "quiet").mkdir()
+    codes, _, quiet_err = cli([[*calls[0][:-1], str(tmp_path / "quiet")]],
+                              {**bars_enabled, "HF_HUB_DISABLE_PROGRESS_BARS": "1"})
+    assert codes == [0] and "reading " not in quiet_err, quiet_err
     assert "connection failed 4 times" in err
     assert not (tmp_path / "out_bad").exists()
     card = ModelCard.load(tmp_path / "out_good" / "README.md")
