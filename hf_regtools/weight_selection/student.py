@@ -438,12 +438,15 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
 
 
 def _task(model: torch.nn.Module) -> str:
-    """The Hub pipeline tag of the student: text generation, text classification or image classification."""
+    """The Hub pipeline tag of the student: text generation, text classification, fill-mask or image
+    classification."""
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "text-generation"
     if name.endswith("ForSequenceClassification"):
         return "text-classification"
+    if name.endswith(("ForMaskedLM", "ForPreTraining")):
+        return "fill-mask"
     return "image-classification"
 
 
