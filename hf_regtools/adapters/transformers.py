@@ -152,10 +152,11 @@ def student_config(teacher: PretrainedConfig, shape: StudentShape, family: Model
         config.num_labels = num_labels
         config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
-        if is_text_encoder(config) and not (config.architectures or [""])[0].endswith("ForSequenceClassification"):
-            from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    architecture = (config.architectures or [""])[0]
+    if num_labels is not None and is_text_encoder(config) and not architecture.endswith("ForSequenceClassification"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-            config.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]]
+        config.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]]
     return config
 
 

@@ -7,6 +7,10 @@ dimension, outermost first, so selection keeps whole heads, the same ones in que
 output (`heads{layer}`, one set per layer; one `head_dim` set, the teacher's head dimension by default so it stays
 whole); one `mlp{layer}` set per layer. The vocabulary, positions, token types and classes are never selected; the
 masked-LM decoder is tied to the word embeddings.
+
+The classification head, re-initialized by default like every family's, is what sits on the encoder's output: BERT's
+pooler and classifier, RoBERTa's `classifier.dense` and `classifier.out_proj`; so a masked-LM teacher (which has no
+pooler) gives a sequence classifier too.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ _AXES = (
 BERT = ModelFamily(
     library="transformers", name="bert", layout="bert",
     signature=_signature(r"(bert\.)?"),
-    classifier=("classifier.",),
+    classifier=("bert.pooler.", "pooler.", "classifier."),
     head_dropout=r"^dropout$",
     axes=_AXES,
     layers=_LAYER,
@@ -56,7 +60,7 @@ BERT = ModelFamily(
           (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias")),
 )
 ROBERTA = replace(
-    BERT, name="roberta", signature=_signature(r"roberta\."), head_dropout=r"^classifier\.dropout$",
+    BERT, name="roberta", signature=_signature(r"roberta\."), classifier=("classifier.",), head_dropout=r"^classifier\.dropout$",
     tied=((r"^lm_head\.decoder\.weight$", "roberta.embeddings.word_embeddings.weight"),
           (r"^lm_head\.decoder\.bias$", "lm_head.bias")),
 )
