@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field, replace
@@ -297,7 +298,17 @@ def _module_name(model: torch.nn.Module) -> str:
 
 
 def _config_of_module(model: torch.nn.Module, library: str):
-    return library_adapter("timm").config_of(model) if library == "timm" else model.config
+    """The model's config; a transformers config without `architectures` gets the model's class, so the student is
+    built with it."""
+    if library == "timm":
+        return library_adapter("timm").config_of(model)
+    import transformers
+
+    config = model.config
+    if not config.architectures and hasattr(transformers, type(model).__name__):
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]
+    return config
 
 
 def _build_student(student, overrides: StudentShape, num_labels, family: ModelFamily, library: str, teacher_config,

@@ -209,3 +209,13 @@ def test_bad_students_are_refused_before_any_weight_is_read(tmp_path, name, over
     ENCODERS[name](**TEACHER).config.save_pretrained(tmp_path / "teacher")  # a config without weights
     with pytest.raises(ValueError, match=message):
         initialize_student(tmp_path / "teacher", **overrides)
+
+
+def test_a_loaded_teacher_gives_a_student_of_its_class():
+    torch.manual_seed(0)
+    teacher = _masked_lm("roberta")
+    assert not teacher.config.architectures
+    student = initialize_student(teacher, hidden_size=16, depth=1, num_heads=2).model
+    assert type(student).__name__ == "RobertaForMaskedLM" and not teacher.config.architectures
+    student = initialize_student(transformers_bert(**TEACHER), hidden_size=16, depth=1, num_heads=2).model
+    assert type(student).__name__ == "BertForSequenceClassification"
