@@ -32,7 +32,8 @@ def test_query_key_value_and_attention_output_keep_the_same_whole_heads(name):
     student = ENCODERS[name](hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32).eval()
     report = select_weights(teacher, student)
     hidden, heads, mlp = uniform_indices(32, 16), uniform_indices(4, 2), uniform_indices(64, 32)
-    assert report.index_sets["heads1"].tolist() == heads.tolist() and report.index_sets["hidden"].tolist() == hidden.tolist()
+    assert report.index_sets["heads1"].tolist() == heads.tolist()
+    assert report.index_sets["hidden"].tolist() == hidden.tolist()
     rows = _rows(heads.tolist(), 8)
     for layer in range(2):
         t, s = _encoder(teacher).encoder.layer[layer], _encoder(student).encoder.layer[layer]
@@ -86,7 +87,8 @@ def test_keep_classifier_selects_the_pooler_and_head(name):
 
 
 def _masked_lm(name, **overrides):
-    config_class, model_class = {"bert": (BertConfig, BertForMaskedLM), "roberta": (RobertaConfig, RobertaForMaskedLM)}[name]
+    config_class, model_class = {"bert": (BertConfig, BertForMaskedLM),
+                                 "roberta": (RobertaConfig, RobertaForMaskedLM)}[name]
     kwargs = dict(TEACHER, vocab_size=64, max_position_embeddings=4 * TEXT_LENGTH + 2)
     return model_class(config_class(**{**kwargs, **overrides}))
 

@@ -60,7 +60,8 @@ BERT = ModelFamily(
           (r"^cls\.predictions\.decoder\.bias$", "cls.predictions.bias")),
 )
 ROBERTA = replace(
-    BERT, name="roberta", signature=_signature(r"roberta\."), classifier=("classifier.",), head_dropout=r"^classifier\.dropout$",
+    BERT, name="roberta", signature=_signature(r"roberta\."), classifier=("classifier.",),
+    head_dropout=r"^classifier\.dropout$",
     tied=((r"^lm_head\.decoder\.weight$", "roberta.embeddings.word_embeddings.weight"),
           (r"^lm_head\.decoder\.bias$", "lm_head.bias")),
 )
