@@ -221,3 +221,25 @@ def test_a_loaded_teacher_gives_a_student_of_its_class():
     assert type(student).__name__ == "RobertaForMaskedLM" and not teacher.config.architectures
     student = initialize_student(transformers_bert(**TEACHER), hidden_size=16, depth=1, num_heads=2).model
     assert type(student).__name__ == "BertForSequenceClassification"
+
+
+def test_a_pretraining_checkpoint_with_legacy_layernorm_names_gives_a_classifier(tmp_path):
+    """As `bert-base-uncased` stores it: `LayerNorm.gamma`/`beta`, a pooler and an NSP head, no decoder weight."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    teacher = _masked_lm("bert")
+    teacher.config.architectures = ["BertForMaskedLM"]
+    teacher.config.save_pretrained(tmp_path / "teacher")
+    tensors = {key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"):
+               value.clone() for key, value in teacher.state_dict().items() if key != "cls.predictions.decoder.weight"}
+    tensors.update({"bert.pooler.dense.weight": torch.randn(32, 32), "cls.seq_relationship.weight": torch.randn(2, 32)})
+    save_file(tensors, tmp_path / "teacher" / "model.safetensors", metadata={"format": "pt"})
+    result = initialize_student(tmp_path / "teacher", hidden_size=16, num_heads=2, depth=2, num_labels=2)
+    hidden = uniform_indices(32, 16)
+    assert type(result.model).__name__ == "BertForSequenceClassification"
+    assert torch.equal(result.model.bert.encoder.layer[1].output.LayerNorm.weight,
+                       teacher.bert.encoder.layer[1].output.LayerNorm.weight[hidden])
+    assert set(result.report.skipped) == {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight",
+                                          "classifier.bias"}
+    assert "cls.seq_relationship.weight" in result.report.teacher_unused

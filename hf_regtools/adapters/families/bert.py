@@ -53,6 +53,7 @@ BERT = ModelFamily(
     signature=_signature(r"(bert\.)?"),
     classifier=("bert.pooler.", "pooler.", "classifier."),
     head_dropout=r"^dropout$",
+    attention_dropout=("dropout_prob",),
     axes=_AXES,
     layers=_LAYER,
     factor_sizes=attention_sizes,
