@@ -111,12 +111,12 @@ def _images(size, side):
 
 def test_unsupported_models_are_described_by_name():
     import timm
-    from transformers import BertConfig, BertModel
+    from transformers import DistilBertConfig, DistilBertModel
 
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
-    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16))
+    distilbert = DistilBertModel(DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=16))
     for model, name in ((resnet, "(timm resnet18)"), (TimmClassifier(resnet), "(timm resnet18 in TimmClassifier)"),
-                        (bert, "(transformers bert)"), (torch.nn.Linear(2, 2), "(Linear)")):
+                        (distilbert, "(transformers distilbert)"), (torch.nn.Linear(2, 2), "(Linear)")):
         with pytest.raises(UnsupportedModelError, match=r"the model \S.* is not of a supported family\. Supported: "
                                                         r"timm vit") as error:
             detect_family(model)

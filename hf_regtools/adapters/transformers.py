@@ -1,5 +1,5 @@
-"""transformers adapter: configs, student construction and export for ViT/DeiT and ConvNeXt (v1, v2); drop path
-for ConvNeXt and Swin."""
+"""transformers adapter: configs, student construction and export for ViT/DeiT, ConvNeXt (v1, v2), Llama-layout
+decoders and BERT-style encoders; drop path for ConvNeXt and Swin."""
 
 from __future__ import annotations
 
@@ -81,10 +81,7 @@ def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
                              "heads per key/value head; pass --num-key-value-heads (num_key_value_heads=)")
         kv_heads = heads // teacher["group"]
     mlp = shape.mlp_dim if shape.mlp_dim is not None else config.intermediate_size * width // config.hidden_size
-    problems = [f"{what} {value} is larger than the teacher's {limit}" for what, value, limit in (
-        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
-        ("MLP width", mlp, config.intermediate_size), ("number of query heads", heads, config.num_attention_heads))
-        if value > limit]
+    problems = _larger_than_teacher(config, width, depth, mlp, heads, heads_label="number of query heads")
     if kv_heads > teacher["kv_heads"]:
         problems.append(f"{kv_heads} key/value heads, more than the teacher's {teacher['kv_heads']}")
     if heads % kv_heads:
@@ -106,10 +103,40 @@ def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
         config.layer_types = config.layer_types[:depth]
 
 
+def _larger_than_teacher(config: PretrainedConfig, width: int, depth: int, mlp: int, heads: int, *,
+                         heads_label: str = "number of heads") -> list[str]:
+    """What of a student's hidden size, depth, MLP width and heads is larger than the teacher's `config`."""
+    return [f"{what} {value} is larger than the teacher's {limit}" for what, value, limit in (
+        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
+        ("MLP width", mlp, config.intermediate_size), (heads_label, heads, config.num_attention_heads))
+        if value > limit]
+
+
+def _encoder_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    """BERT-style encoders: ViT's rule for width, heads and MLP width (whole heads of the teacher's head dimension by
+    default), every length checked against the teacher's before any weight is read."""
+    from .families.bert import attention_sizes
+
+    width, heads, mlp = vit_dims(shape, teacher_width=config.hidden_size, teacher_heads=config.num_attention_heads,
+                                 teacher_mlp=config.intermediate_size)
+    depth = shape.depth if shape.depth is not None else config.num_hidden_layers
+    if not isinstance(depth, int):
+        raise ValueError(f"depth of a BERT-style encoder is one integer, got {depth!r}")
+    problems = _larger_than_teacher(config, width, depth, mlp, heads)
+    teacher_head_dim = attention_sizes(config)["head_dim"]
+    if width // heads > teacher_head_dim:
+        problems.append(f"head dimension {width // heads} (hidden size {width} / {heads} heads) is larger than the "
+                        f"teacher's {teacher_head_dim}; pass more heads (--num-heads)")
+    if problems:
+        raise ValueError(f"cannot build this {config.model_type} student: " + "; ".join(problems))
+    config.hidden_size, config.num_attention_heads, config.intermediate_size = width, heads, mlp
+    config.num_hidden_layers = depth
+
+
 # Family name -> how a student's shape overrides a copy of the teacher's config (in place).
 SHAPE_RULES: dict[str, Callable[[PretrainedConfig, StudentShape], None]] = {
     "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
-    "llama": _llama_shape,
+    "llama": _llama_shape, "bert": _encoder_shape, "roberta": _encoder_shape,
 }
 
 
@@ -125,12 +152,27 @@ def student_config(teacher: PretrainedConfig, shape: StudentShape, family: Model
         config.num_labels = num_labels
         config.id2label = {i: f"LABEL_{i}" for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
+    architecture = (config.architectures or [""])[0]
+    if num_labels is not None and is_text_encoder(config) and not architecture.endswith("ForSequenceClassification"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        config.architectures = [MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES[config.model_type]]
     return config
 
 
+def is_text_encoder(config: PretrainedConfig) -> bool:
+    """Whether `config` is of a text encoder with a sequence-classification model: a model type with a masked-LM
+    head (BERT, RoBERTa, ...), which a student built with `num_labels` or without `architectures` turns into."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    return (config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+
 def create(config: PretrainedConfig, *, classification: bool | None = None) -> torch.nn.Module:
-    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked; a causal language
-    model for a language model's config without `architectures`), in the dtype its
+    """Build a randomly initialized model of `config`'s architecture (an image classifier if asked; a text classifier
+    for a text encoder's config without `architectures`, a causal language model for a decoder's), in the dtype its
     checkpoint is stored in (`stored_dtype`), so a bf16 teacher gives a bf16 student without an fp32 copy."""
     architecture = (config.architectures or [None])[0]
     is_classifier = architecture is not None and architecture.endswith(IMAGE_CLASSIFICATION_SUFFIXES)
@@ -142,6 +184,8 @@ def create(config: PretrainedConfig, *, classification: bool | None = None) -> t
     with _default_dtype(stored_dtype(config)):
         if classification and not is_classifier:
             return AutoModelForImageClassification.from_config(config)
+        if architecture is None and is_text_encoder(config):
+            return transformers.AutoModelForSequenceClassification.from_config(config)
         if architecture is None:
             auto_class = transformers.AutoModelForCausalLM if is_language_model else transformers.AutoModel
             return auto_class.from_config(config)

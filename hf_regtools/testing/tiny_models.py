@@ -1,7 +1,8 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
-(the vision families and Llama-layout decoders, `transformers_llama`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+(the vision families, Llama-layout decoders, `transformers_llama`, and BERT-style encoders, `transformers_bert` and
+`transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
@@ -229,6 +230,18 @@ def transformers_bert(*, hidden_size: int = 16, num_hidden_layers: int = 2, num_
                                                     **kwargs))
 
 
+def transformers_roberta(*, hidden_size: int = 16, num_hidden_layers: int = 2, num_attention_heads: int = 2,
+                         intermediate_size: int = 32, vocab_size: int = TEXT_VOCAB_SIZE, num_labels: int = 3,
+                         **kwargs) -> torch.nn.Module:
+    """A tiny RoBERTa encoder with its sequence-classification head (`classifier.dense` + `classifier.out_proj`)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(RobertaConfig(
+        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size, vocab_size=vocab_size, max_position_embeddings=4 * TEXT_LENGTH + 2,
+        num_labels=num_labels, **kwargs))
+
+
 def transformers_llama(*, hidden_size: int = 32, num_hidden_layers: int = 4, num_attention_heads: int = 4,
                        num_key_value_heads: int = 2, intermediate_size: int = 48, vocab_size: int = TEXT_VOCAB_SIZE,
                        model_type: str = "llama", **kwargs) -> torch.nn.Module:
@@ -272,6 +285,8 @@ TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
 }
 TEACHERS[("transformers", "llama")] = transformers_llama
+TEACHERS[("transformers", "bert")] = transformers_bert
+TEACHERS[("transformers", "roberta")] = transformers_roberta
 TEACHERS[("timm", "vgg")] = timm_vgg
 
 _STUDENT_ARGS = {
@@ -280,7 +295,9 @@ _STUDENT_ARGS = {
     "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
                      "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
                      "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                   intermediate_size=24, head_dim=8)},
+                                   intermediate_size=24, head_dim=8),
+                     **{name: dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16)
+                        for name in ("bert", "roberta")}},
 }
 
 

@@ -147,11 +147,12 @@ def select_weights(
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
 
-    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2; not
-    Swin, see the method card), the student no wider and no deeper than the teacher. The teacher may be a module, a
-    state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files. A module may wrap
-    the model (`TimmWrapperForImageClassification`, DDP, `torch.compile`, a user module holding it): the supported
-    model inside is used (`hf_regtools.adapters.find_supported_model`).
+    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2;
+    transformers Llama-layout decoders, BERT and RoBERTa; not Swin, see the method card), the student no wider and
+    no deeper than the teacher. The teacher may be a module, a state dict, or a `CheckpointReader` that reads one
+    tensor at a time from the teacher's files. A module may wrap the model (`TimmWrapperForImageClassification`,
+    DDP, `torch.compile`, a user module holding it): the supported model inside is used
+    (`hf_regtools.adapters.find_supported_model`).
 
     Args:
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
@@ -393,7 +394,8 @@ def _skipped_keys(family: ModelFamily, student_tensors, skip, keep_classifier: b
 
 def _check_label_space(family: ModelFamily, teacher_tensors, student_tensors) -> None:
     for key in student_tensors:
-        if family.is_classifier(key) and key.endswith("bias"):
+        names = family.axis_names(key, 1)
+        if family.is_classifier(key) and key.endswith("bias") and (names is None or names[0] is None):
             classes = (teacher_tensors[key].shape[0], student_tensors[key].shape[0])
             if classes[0] != classes[1]:
                 raise WeightSelectionError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field, replace
@@ -297,7 +298,17 @@ def _module_name(model: torch.nn.Module) -> str:
 
 
 def _config_of_module(model: torch.nn.Module, library: str):
-    return library_adapter("timm").config_of(model) if library == "timm" else model.config
+    """The model's config; a transformers config without `architectures` gets the model's class, so the student is
+    built with it."""
+    if library == "timm":
+        return library_adapter("timm").config_of(model)
+    import transformers
+
+    config = model.config
+    if not config.architectures and hasattr(transformers, type(model).__name__):
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]
+    return config
 
 
 def _build_student(student, overrides: StudentShape, num_labels, family: ModelFamily, library: str, teacher_config,
@@ -438,12 +449,15 @@ def model_card(result: SelectedStudent, *, repo_id: str | None = None):
 
 
 def _task(model: torch.nn.Module) -> str:
-    """The Hub pipeline tag of the student: text generation, text classification or image classification."""
+    """The Hub pipeline tag of the student: text generation, text classification, fill-mask or image
+    classification."""
     name = type(model).__name__
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
         return "text-generation"
     if name.endswith("ForSequenceClassification"):
         return "text-classification"
+    if name.endswith(("ForMaskedLM", "ForPreTraining")):
+        return "fill-mask"
     return "image-classification"
 
 
