@@ -216,7 +216,8 @@ def select_weights(
     teacher_depths = block_depths(family.layers, teacher_tensors)
     student_depths = block_depths(family.layers, student_tensors)
     axis_scores, layer_choice = _split_scores(scores, mode, layers, student_depths)
-    mapping = layer_map(layer_choice, teacher_depths, student_depths) if family.layers else {}
+    mapping = (layer_map(layer_choice, teacher_depths, student_depths, keep_first=family.keep_first_block)
+               if family.layers else {})
     sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
     missing = [key for key, source in sources.items() if source not in teacher_tensors]
     if missing:
@@ -226,6 +227,7 @@ def select_weights(
         )
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
+    aliases = _shared_axes(family, teacher_tensors, student_tensors)
 
     plan = IndexPlan(mode, seed=seed, scores=axis_scores, paired=family.paired_factors,
                      teacher_sizes=_factor_sizes(family, teacher_config, teacher),
@@ -243,7 +245,7 @@ def select_weights(
         target, source_key = student_tensors[key], sources[key]
         with _borrowed(teacher_tensors, source_key) as teacher_tensor:
             source = _match_ndim(teacher_tensor, tuple(target.shape), key, reshape_1x1)
-            axes = family.axis_names(source_key, source.ndim, last_stage=last_stage)
+            axes = family.axis_names(source_key, source.ndim, last_stage=last_stage, aliases=aliases)
             if axes is not None and qkv_mode == "fused" and family.is_fused_qkv(source_key):
                 axes = ("", *axes[1:])
             chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(source_key) else 1
@@ -285,6 +287,22 @@ def _source_key(family: ModelFamily, key: str, mapping: dict[str, list[int]], te
             if re.search(pattern, key) and tied_to in teacher_tensors:
                 return tied_to
     return source
+
+
+def _shared_axes(family: ModelFamily, teacher_tensors, student_tensors) -> dict[str, str]:
+    """The teacher's axis aliases (`ModelFamily.shared_axes`); raises when the student's differ."""
+    teacher, student = family.axis_aliases(teacher_tensors), family.axis_aliases(student_tensors)
+    if teacher != student:
+        differ = sorted(name for name in {*teacher, *student} if teacher.get(name) != student.get(name))
+        described = lambda aliases, name: (f"{name} is {aliases[name]} (identity residual, no projection)"  # noqa: E731
+                                           if name in aliases else f"{name} has its own channels (a projection)")
+        raise WeightSelectionError(
+            f"teacher and student differ in their residual connections: in the teacher "
+            f"{', '.join(described(teacher, name) for name in differ)}; in the student "
+            f"{', '.join(described(student, name) for name in differ)}. Build the student with a projection "
+            "shortcut exactly where the teacher has one (a ResNet: a stem as wide as the first stage in both, or "
+            "different in both)")
+    return teacher
 
 
 def _factor_sizes(family: ModelFamily, config, model) -> dict[str, int]:
