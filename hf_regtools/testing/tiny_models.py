@@ -1,7 +1,7 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
-(the vision families and Llama-layout decoders, `transformers_llama`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+(the vision families, ResNets and Llama-layout decoders, `transformers_llama`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
@@ -122,6 +122,17 @@ def timm_resnet(*, channels: tuple[int, ...] = (8, 16, 32, 64), layers: tuple[in
 
     return ResNet(Bottleneck if bottleneck else BasicBlock, layers=list(layers), channels=tuple(channels),
                   stem_width=channels[0], num_classes=num_classes, **kwargs)
+
+
+def timm_resnet_model(architecture: str = "resnet18", *, channels: tuple[int, ...] = (8, 16, 32, 64),
+                      layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 3, **kwargs) -> torch.nn.Module:
+    """A tiny registered timm ResNet (`timm.create_model`, so that it saves with a config timm rebuilds):
+    `"resnet18"` (basic blocks), `"resnet50"` (bottlenecks), `"resnet10t"` / `"resnet50d"` (deep stems `2 *
+    stem_width` wide, average-pool shortcuts). timm's plain stem is 64 channels wide."""
+    import timm
+
+    return timm.create_model(architecture, pretrained=False, channels=channels, layers=layers,
+                             num_classes=num_classes, **kwargs)
 
 
 def timm_resnet_classifier(**kwargs) -> TimmClassifier:
@@ -261,11 +272,15 @@ TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
 }
 TEACHERS[("transformers", "llama")] = transformers_llama
+TEACHERS[("timm", "resnet")] = timm_resnet_model
+TEACHERS[("transformers", "resnet")] = lambda **kw: transformers_resnet(**{"depths": (2, 2, 2, 2), **kw})
 
 _STUDENT_ARGS = {
-    "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1))},
+    "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
+             "resnet": dict(channels=(4, 8, 16, 32), layers=(1, 2, 1, 1))},
     "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
                      "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
+                     "resnet": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 2, 1, 1), embedding_size=4),
                      "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                    intermediate_size=24, head_dim=8)},
 }

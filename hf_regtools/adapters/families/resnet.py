@@ -18,6 +18,11 @@ from dataclasses import replace
 
 from .. import ModelFamily, _linear
 
+_NO_DROP_SITES = (
+    "timm ResNets build no stochastic-depth module where the rate is 0 (the first block, or all blocks at "
+    "drop_path_rate=0) and apply the head's dropout as a function; transformers ResNets have neither."
+)
+
 _TIMM_STAGE = r"^layer(?P<stage>\d+)\."
 _TIMM_FIRST = _TIMM_STAGE + r"(?P<layer>0)\."
 _TIMM_BLOCK = _TIMM_STAGE + r"(?P<layer>\d+)\."
@@ -29,6 +34,7 @@ _TIMM_STEM = (
     (r"^conv1\.4\.", ("stem1",)),
     (r"^conv1\.6\.weight$", ("c0", "stem1", None, None)),
     (r"^bn1\.", ("c0",)),
+    (r"\.num_batches_tracked$", ()),
     (_TIMM_FIRST + r"downsample\.\d\.weight$", ("c{stage}", "c{stage-1}", None, None)),
     (_TIMM_FIRST + r"downsample\.\d\.", ("c{stage}",)),
     (_TIMM_FIRST + r"conv1\.weight$", ("mid{stage}.{layer}", "c{stage-1}", None, None)),
@@ -51,6 +57,7 @@ TIMM_RESNET = ModelFamily(
     signature=(r"^layer1\.0\.conv1\.weight$", r"^bn1\.weight$"),
     exclude=(_TIMM_BOTTLENECK_KEY, r"\.se\."),
     classifier=("fc.",),
+    unsupported={"dropout_schedules": _NO_DROP_SITES},
     axes=(*_TIMM_STEM, *_TIMM_BASIC, *_linear(r"^fc", None, "c{last}")),
     layers=_TIMM_BLOCK,
     shared_axes=((r"^layer{stage}\.0\.downsample\.", "c{stage}", "c{stage-1}"),),
@@ -66,6 +73,7 @@ _BLOCK = _STAGE + r"(?P<layer>\d+)\."
 _STEM = (
     (r"(^|\.)embedder\.embedder\.convolution\.weight$", ("c0", "", None, None)),
     (r"(^|\.)embedder\.embedder\.normalization\.", ("c0",)),
+    (r"\.num_batches_tracked$", ()),
     (_FIRST + r"shortcut\.convolution\.weight$", ("c{stage+1}", "c{stage}", None, None)),
     (_FIRST + r"shortcut\.normalization\.", ("c{stage+1}",)),
     (_FIRST + r"layer\.0\.convolution\.weight$", ("mid{stage+1}.{layer}", "c{stage}", None, None)),
@@ -89,6 +97,7 @@ TRANSFORMERS_RESNET = ModelFamily(
     signature=(r"(^|\.)embedder\.embedder\.convolution\.weight$", _STAGE + r"0\.layer\.0\.convolution\.weight$"),
     exclude=(_BOTTLENECK_KEY,),
     classifier=("classifier.",),
+    unsupported={"dropout_schedules": _NO_DROP_SITES},
     axes=(*_STEM, *_BASIC, *_CLASSIFIER),
     layers=_BLOCK,
     shared_axes=((r"(^|\.)encoder\.stages\.{stage}\.layers\.0\.shortcut\.", "c{stage+1}", "c{stage}"),),
