@@ -213,6 +213,7 @@ def select_weights(
     skipped = _skipped_keys(family, student_tensors, skip, keep_classifier)
 
     selected_keys = [key for key in student_tensors if key not in skipped]
+    aliases = _shared_axes(family, teacher_tensors, student_tensors)
     teacher_depths = block_depths(family.layers, teacher_tensors)
     student_depths = block_depths(family.layers, student_tensors)
     axis_scores, layer_choice = _split_scores(scores, mode, layers, student_depths)
@@ -227,7 +228,6 @@ def select_weights(
         )
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
-    aliases = _shared_axes(family, teacher_tensors, student_tensors)
 
     plan = IndexPlan(mode, seed=seed, scores=axis_scores, paired=family.paired_factors,
                      teacher_sizes=_factor_sizes(family, teacher_config, teacher),

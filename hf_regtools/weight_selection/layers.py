@@ -42,7 +42,8 @@ def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depth
             `"0,1;0,2"` (stages separated by `;`).
         teacher_depths, student_depths (`dict[str, int]`): blocks per stage (`block_depths`).
         keep_first (`bool`, *optional*, defaults to `False`): student block 0 reads teacher block 0 in every stage
-            (`ModelFamily.keep_first_block`); the scheme chooses the other blocks among the teacher's others.
+            (`ModelFamily.keep_first_block`): `"last"` takes block 0 and the last N-1, explicit lists must start with
+            0 (`"first"` and `"even"` always do).
     """
     missing = [stage for stage in student_depths if stage not in teacher_depths]
     if missing:
@@ -84,19 +85,15 @@ def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depth
                 raise WeightSelectionError(f"layers{where} {chosen}: the first block of a stage changes its width and "
                                            "resolution, so student block 0 must read teacher block 0; start the list "
                                            "with 0")
+        elif layers == "first":
+            chosen = list(range(student))
+        elif layers == "last":
+            kept = int(keep_first)
+            chosen = list(range(kept)) + list(range(teacher - student + kept, teacher))
         else:
-            first = int(keep_first and student > 0)
-            chosen = list(range(first)) + [first + i for i in _scheme(layers, teacher - first, student - first)]
+            chosen = uniform_indices(teacher, student).tolist()
         mapping[stage] = chosen
     return mapping
-
-
-def _scheme(layers: str, teacher: int, student: int) -> list[int]:
-    if student == 0 or layers == "first":
-        return list(range(student))
-    if layers == "last":
-        return list(range(teacher - student, teacher))
-    return uniform_indices(teacher, student).tolist()
 
 
 def teacher_key(pattern: str | None, key: str, mapping: dict[str, list[int]]) -> str:
