@@ -147,11 +147,11 @@ def select_weights(
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
 
-    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2; not
-    Swin, see the method card), the student no wider and no deeper than the teacher. The teacher may be a module, a
-    state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files. A module may wrap
-    the model (`TimmWrapperForImageClassification`, DDP, `torch.compile`, a user module holding it): the supported
-    model inside is used (`hf_regtools.adapters.find_supported_model`).
+    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2,
+    ResNets; not Swin, see the method card), the student no wider and no deeper than the teacher. The teacher may be
+    a module, a state dict, or a `CheckpointReader` that reads one tensor at a time from the teacher's files. A module
+    may wrap the model (`TimmWrapperForImageClassification`, DDP, `torch.compile`, a user module holding it): the
+    supported model inside is used (`hf_regtools.adapters.find_supported_model`).
 
     Args:
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
