@@ -135,8 +135,11 @@ def _resnet_shape(skeleton: torch.nn.Module, args: dict[str, Any], shape: Studen
                 f"{'cannot be 64 channels wide' if projects else 'must keep 64 channels'} (hidden_size {widths})")
         return ("channels",), ("layers",)
     stem_width = (widths[0] if not projects else max(1, round(teacher_stem * widths[0] / teacher_first))) // 2
-    tiered = skeleton.conv1[0].out_channels != skeleton.conv1[3].out_channels
-    if not projects and widths[0] % 2 or projects and 2 * stem_width == widths[0] or tiered and stem_width < 4:
+    if skeleton.conv1[0].out_channels != skeleton.conv1[3].out_channels and stem_width < 4:
+        raise ValueError(f"a tiered deep stem needs stem_width >= 4 (its first convolution is 3 * (stem_width // 4) "
+                         f"wide), but a first stage of {widths[0]} channels gives {stem_width}; choose a wider first "
+                         "stage")
+    if not projects and widths[0] % 2 or projects and 2 * stem_width == widths[0]:
         raise ValueError(f"cannot give the deep stem of this ResNet student a width for a first stage of "
                          f"{widths[0]} channels: the teacher's stem ({teacher_stem}) and first stage "
                          f"({teacher_first}) are {'different' if projects else 'equal'}, and so must the student's "

@@ -156,6 +156,9 @@ def test_cli_round_trip(tmp_path, library):
      dict(hidden_size=(32, 32, 32, 32)),
      "7x7 stem is always 64 channels wide; the teacher's first stage \\(64 channels\\) has no downsampling "
      "shortcut, so the student's must keep 64 channels"),
+    (lambda: timm_resnet_model("resnet26t", channels=(2, 4, 8, 16), stem_width=4), dict(hidden_size=4),
+     "a tiered deep stem needs stem_width >= 4"),
+    (lambda: timm_resnet_model("resnet18d", stem_width=4), dict(hidden_size=(3, 8, 16, 32)), "an even width"),
     (lambda: timm_resnet_model("resnet50", channels=(2, 4, 8, 16)), dict(hidden_size=(4, 8, 16, 30)),
      "multiples of its expansion, 4"),
     (lambda: transformers_resnet(), dict(depth=(1, 2, 1, 1)), "stage 2 depth 2 \\(the teacher's 1\\)"),
