@@ -184,3 +184,15 @@ def test_other_techniques_keep_refusing_resnets():
     with pytest.raises(UnsupportedModelError, match="dropout schedules does not support the model's family, timm "
                                                     "resnet: timm ResNets build no stochastic-depth module"):
         DropRateController(timm_resnet_model(drop_path_rate=0.1), target="drop_path")
+
+
+def test_stages_without_a_projection_chain_onto_the_axis_before_them():
+    from hf_regtools.adapters.families.resnet import TIMM_RESNET, TRANSFORMERS_RESNET
+
+    keys = ["layer1.0.conv1.weight", "layer2.0.conv1.weight", "layer3.0.conv1.weight", "layer3.0.downsample.0.weight"]
+    assert TIMM_RESNET.axis_aliases(keys) == {"c1": "c0", "c2": "c0"}
+    assert TIMM_RESNET.axis_names("layer2.0.conv2.weight", 4, aliases={"c2": "c0"}) == ("c0", "mid2.0", None, None)
+    keys = ["resnet.encoder.stages.0.layers.0.layer.0.convolution.weight",
+            "resnet.encoder.stages.0.layers.0.shortcut.convolution.weight"]
+    assert TRANSFORMERS_RESNET.axis_aliases(keys) == {}
+    assert TRANSFORMERS_RESNET.axis_names("classifier.1.weight", 2, last_stage=3) == (None, "c4")
