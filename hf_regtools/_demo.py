@@ -103,6 +103,9 @@ def run_demo(*, teacher: str | None = None, student=None, output_dir: str | Path
         from .checkpoint import CheckpointReader
 
         layout = detect_family(CheckpointReader(resolved.folder), role="teacher", technique="weight_selection").layout
+        if student is None and layout not in HUB_STUDENTS:
+            raise ValueError("the demo fine-tunes a ViT or ConvNeXt student: pass a transformers ViT/ConvNeXt "
+                             "teacher, or a student (--student)")
         student_spec, overrides = (HUB_STUDENTS[layout] if student is None else student), {}
         if resolved.library != "transformers":
             raise ValueError("the demo fine-tunes with transformers.Trainer: pass a transformers ViT/ConvNeXt teacher")

@@ -76,10 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     select.add_argument("--revision", help="teacher revision (branch, tag or commit)")
     select.add_argument("--student", help=f"preset (one of {', '.join(PRESETS)}), Hub id or folder of the student's "
                                           "config; default: the teacher's config with the overrides below")
-    select.add_argument("--hidden-size", type=_int_or_list, help="ViT or decoder width, or ConvNeXt widths per stage "
-                                                                 "(a,b,c,d)")
-    select.add_argument("--depth", type=_int_or_list, help="ViT or decoder blocks, or ConvNeXt blocks per stage "
-                                                           "(a,b,c,d)")
+    select.add_argument("--hidden-size", type=_int_or_list, help="ViT or decoder width, or ConvNeXt / ResNet widths "
+                                                                 "per stage (a,b,c,d)")
+    select.add_argument("--depth", type=_int_or_list, help="ViT or decoder blocks, or ConvNeXt / ResNet blocks per "
+                                                           "stage (a,b,c,d)")
     select.add_argument("--num-heads", type=int, help="attention (query) heads (default: keep the head dimension)")
     select.add_argument("--num-key-value-heads", type=int, help="key/value heads of a grouped-query-attention "
                                                                 "decoder (default: keep the query heads per group)")

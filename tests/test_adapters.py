@@ -113,18 +113,19 @@ def test_unsupported_models_are_described_by_name():
     import timm
     from transformers import DistilBertConfig, DistilBertModel
 
-    resnet = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    mobilenet = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=3)
     distilbert = DistilBertModel(DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=16))
-    for model, name in ((resnet, "(timm resnet18)"), (TimmClassifier(resnet), "(timm resnet18 in TimmClassifier)"),
+    for model, name in ((mobilenet, "(timm mobilenetv3_small_050)"),
+                        (TimmClassifier(mobilenet), "(timm mobilenetv3_small_050 in TimmClassifier)"),
                         (distilbert, "(transformers distilbert)"), (torch.nn.Linear(2, 2), "(Linear)")):
         with pytest.raises(UnsupportedModelError, match=r"the model \S.* is not of a supported family\. Supported: "
                                                         r"timm vit") as error:
             detect_family(model)
         assert name in str(error.value) and "keys" not in str(error.value)
-    with pytest.raises(UnsupportedModelError, match=r"^the teacher \(org/resnet\) is not of a supported family\. "):
-        detect_family(list(resnet.state_dict()), role="teacher", name="org/resnet")
-    with pytest.raises(UnsupportedModelError, match=r"^the model is not of a supported family \(keys: conv1\.weight"):
-        detect_family(list(resnet.state_dict()))
+    with pytest.raises(UnsupportedModelError, match=r"^the teacher \(org/mobilenet\) is not of a supported family"):
+        detect_family(list(mobilenet.state_dict()), role="teacher", name="org/mobilenet")
+    with pytest.raises(UnsupportedModelError, match=r"^the model is not of a supported family \(keys: conv_stem\."):
+        detect_family(list(mobilenet.state_dict()))
     with pytest.raises(UnsupportedModelError, match=r"weight selection does not support the student's family, timm"):
         find_supported_model(_user_module(net=timm_swin()), role="student", technique="weight_selection")
 

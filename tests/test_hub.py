@@ -280,14 +280,15 @@ def test_bad_student_is_reported_before_teacher_weights_are_fetched(tmp_path, te
 
 
 def _config_only_teachers(tmp_path):
-    """A timm resnet18 and a transformers DistilBERT, as configs only: the family is known before any weight is read."""
+    """A timm MobileNetV3 and a transformers DistilBERT, as configs only: the family is known before any weight is
+    read."""
     from transformers import DistilBertConfig
 
-    (tmp_path / "resnet").mkdir()
-    (tmp_path / "resnet" / "config.json").write_text(json.dumps(
-        {"architecture": "resnet18", "num_classes": 2, "pretrained_cfg": {"num_classes": 2}}))
+    (tmp_path / "mobilenet").mkdir()
+    (tmp_path / "mobilenet" / "config.json").write_text(json.dumps(
+        {"architecture": "mobilenetv3_small_050", "num_classes": 2, "pretrained_cfg": {"num_classes": 2}}))
     DistilBertConfig(dim=8, n_layers=1, n_heads=1, hidden_dim=8).save_pretrained(tmp_path / "distilbert")
-    return {"timm resnet18": tmp_path / "resnet", "transformers distilbert": tmp_path / "distilbert"}
+    return {"timm mobilenetv3_small_050": tmp_path / "mobilenet", "transformers distilbert": tmp_path / "distilbert"}
 
 
 def test_unsupported_families_are_named(tmp_path):
@@ -303,12 +304,12 @@ def test_cli_reports_mistyped_paths_unsupported_families_and_bad_students(tmp_pa
     save_model(timm_vit(), tmp_path / "teacher")
     out = ["--output", str(tmp_path / "out")]
     codes, _, err = cli([["select", str(tmp_path / "teachr"), "--student", "vit-tiny", *out],
-                         ["select", str(teachers["timm resnet18"]), "--hidden-size", "8", *out],
+                         ["select", str(teachers["timm mobilenetv3_small_050"]), "--hidden-size", "8", *out],
                          ["select", str(teachers["transformers distilbert"]), "--hidden-size", "8", *out],
                          ["select", str(tmp_path / "teacher"), "--student", "org/no-such-student", *out]], hub_env)
     assert codes == [2, 2, 2, 2], err
     assert f"no folder '{tmp_path / 'teachr'}' exists" in err and "Did you mean" in err
-    assert "(timm resnet18) is not of a supported family for weight selection" in err
+    assert "(timm mobilenetv3_small_050) is not of a supported family for weight selection" in err
     assert "(transformers distilbert) is not of a supported family for weight selection" in err
     assert "the student 'org/no-such-student'" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -49,8 +49,9 @@ class ModelFamily:
             first rule whose regex matches a teacher key and whose names have one entry per axis of the tensor names
             its axes. An entry is `None` (same length in teacher and student: kernels, tokens, vocabulary, classes),
             `""` (an unnamed axis: one index set per `(D, d)`, e.g. image channels of a stem), or a name, or a product of factors outermost first (`"3*hidden"`, `"kv_heads*group*head_dim"`); names
-            may hold `{layer}`, `{stage}`, `{stage-1}` (groups of the regex) and `{last}` (the last stage). Every
-            tensor sharing a factor name keeps the same entries of it.
+            may hold `{layer}`, `{stage}` (groups of the regex) and `{last}` (the last stage), each optionally offset
+            by one (`{stage-1}`, `{stage+1}`, `{last+1}`). Every tensor sharing a factor name keeps the same entries of
+            it.
         layers (`str`, *optional*): regex locating a key's block index (group `layer`, and `stage` for staged
             families), for layer selection.
         factor_sizes (`Callable`, *optional*): a model config -> the lengths of factors a tensor's shape does not give
@@ -61,6 +62,15 @@ class ModelFamily:
         fixed_depth (`bool`): the keys number layers in a way that layer selection cannot remap (timm VGG's flat
             `features` sequence), so weight selection needs the student to have every teacher tensor, under the
             same key: only widths may shrink.
+        shared_axes (`tuple[tuple[str, str, str], ...]`): `(regex, name, same_as)`, each holding `{stage}` (offsets as
+            in `axes`): for every stage of a checkpoint (the `stage` group of `layers`) where no key matches `regex`,
+            axis `name` is axis `same_as`, one index set for both. A residual connection without a projection adds
+            its input to its output, so the two must keep the same channels: a ResNet stage whose first block has no
+            downsampling shortcut (`regex` finds the shortcut's keys) keeps the channels of the stage (or stem) before
+            it. Teacher and student must agree on which stages have the projection (`axis_aliases`).
+        keep_first_block (`bool`): the first block of every stage changes the width or resolution (a ResNet's strided
+            block with its shortcut), so student block 0 always reads teacher block 0 and layer selection chooses the
+            other blocks among the teacher's others.
     """
 
     library: str
@@ -82,6 +92,8 @@ class ModelFamily:
     paired_factors: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
     fixed_depth: bool = False
+    shared_axes: tuple[tuple[str, str, str], ...] = ()
+    keep_first_block: bool = False
 
     @property
     def label(self) -> str:
@@ -105,28 +117,50 @@ class ModelFamily:
         axes |= {axis for pattern, axis in self.token_axes.items() if re.search(pattern, key)}
         return tuple(sorted(axes))
 
-    def axis_names(self, key: str, ndim: int, *, last_stage: int | None = None) -> tuple[str | None, ...] | None:
-        """The names of the axes of teacher tensor `key` (see `axes`), or `None` when no rule names them."""
+    def axis_names(self, key: str, ndim: int, *, last_stage: int | None = None,
+                   aliases: dict[str, str] | None = None) -> tuple[str | None, ...] | None:
+        """The names of the axes of teacher tensor `key` (see `axes`), or `None` when no rule names them; factors
+        renamed by `aliases` (see `axis_aliases`)."""
         for pattern, names in self.axes:
             if len(names) == ndim and (match := re.search(pattern, key)):
-                return _format_axis_names(names, match, last_stage)
+                names = _format_axis_names(names, match, last_stage)
+                if not aliases:
+                    return names
+                return tuple(name and "*".join(aliases.get(f, f) for f in name.split("*")) for name in names)
         return None
 
+    def axis_aliases(self, keys: Iterable[str]) -> dict[str, str]:
+        """Axis name -> the name of the axis it is in the checkpoint of `keys` (see `shared_axes`)."""
+        if not self.shared_axes or self.layers is None:
+            return {}
+        keys = list(keys)
+        stages = sorted({int(match["stage"]) for key in keys if (match := re.search(self.layers, key))})
+        aliases: dict[str, str] = {}
+        for stage in stages:
+            for pattern, name, same_as in self.shared_axes:
+                pattern, name, same_as = (_PLACEHOLDER.sub(lambda found: str(stage + int(found[2] or 0)), text)
+                                          for text in (pattern, name, same_as))
+                if not any(re.search(pattern, key) for key in keys):
+                    aliases[name] = aliases.get(same_as, same_as)
+        return aliases
 
-_PLACEHOLDER = re.compile(r"\{(\w+)(-1)?\}")
+
+_PLACEHOLDER = re.compile(r"\{(\w+)([+-]1)?\}")
 
 
 def _format_axis_names(names: tuple, match: re.Match, last_stage: int | None) -> tuple[str | None, ...]:
-    """Axis names with `{group}`, `{group-1}` and `{last}` filled from a key's match and the model's last stage."""
+    """Axis names with `{group}`, `{group-1}`, `{group+1}` and `{last}` filled from a key's match and the model's
+    last stage."""
     values = {name: value for name, value in match.groupdict().items() if value is not None}
 
     def fill(found: re.Match) -> str:
         if found[1] == "last":
             if last_stage is None:
                 raise ValueError(f"axis name placeholder {{last}} in {names} needs a family with stages")
-            return str(last_stage)
-        value = values[found[1]]
-        return str(int(value) - 1) if found[2] else value
+            value = str(last_stage)
+        else:
+            value = values[found[1]]
+        return str(int(value) + int(found[2])) if found[2] else value
 
     return tuple(name and _PLACEHOLDER.sub(fill, name) for name in names)
 
@@ -267,7 +301,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
 
 def supported_families(technique: str | None = None) -> list[str]:
     """Labels of the families (that `technique` supports, if given)."""
-    return [family.label for family in FAMILIES if technique not in family.unsupported]
+    return list(dict.fromkeys(family.label for family in FAMILIES if technique not in family.unsupported))
 
 
 def detect_family(model_or_keys: torch.nn.Module | Iterable[str], *, role: str = "model",
@@ -409,9 +443,10 @@ class StudentShape:
     """Library-neutral architecture overrides for a student.
 
     Args:
-        hidden_size (`int` or `tuple[int, ...]`, *optional*): ViT embedding width; ConvNeXt per-stage widths (an
-            `int` is the first stage's width, doubled at each stage).
-        depth (`int` or `tuple[int, ...]`, *optional*): ViT block count; ConvNeXt blocks per stage.
+        hidden_size (`int` or `tuple[int, ...]`, *optional*): ViT embedding width; ConvNeXt and ResNet per-stage
+            widths (an `int` is the first stage's width, doubled at each stage; a ResNet stage's width is its output
+            channels, 4 x timm's `channels` for bottleneck blocks).
+        depth (`int` or `tuple[int, ...]`, *optional*): ViT block count; ConvNeXt and ResNet blocks per stage.
         num_heads (`int`, *optional*): ViT attention heads; wins over `head_dim`.
         mlp_dim (`int`, *optional*): ViT MLP hidden width; wins over `mlp_ratio`.
         head_dim (`int`, *optional*): ViT head dimension, giving `num_heads = hidden_size / head_dim`. Defaults to
@@ -512,7 +547,15 @@ def vit_dims(shape: StudentShape, *, teacher_width: int, teacher_heads: int, tea
 
 def convnext_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teacher_depths: tuple[int, ...]
                   ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Student (per-stage widths, per-stage depths) for a ConvNeXt."""
+    """Student (per-stage widths, per-stage depths) for a ConvNeXt (see `stage_dims`)."""
+    return stage_dims(shape, teacher_widths=teacher_widths, teacher_depths=teacher_depths, model="ConvNeXt")
+
+
+def stage_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teacher_depths: tuple[int, ...],
+               model: str, check_sizes: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Student (per-stage widths, per-stage depths) for a CNN of stages (`model` names it in messages): `hidden_size`
+    is the widths, an `int` the first stage's, doubled at each stage; `depth` the blocks per stage. With
+    `check_sizes`, a stage wider or deeper than the teacher's raises."""
     if any(value is not None for value in (shape.num_heads, shape.mlp_dim, shape.head_dim, shape.mlp_ratio,
                                            shape.num_key_value_heads)):
         raise ValueError("num_heads, num_key_value_heads, mlp_dim, head_dim and mlp_ratio do not apply to a CNN; use "
@@ -523,10 +566,17 @@ def convnext_dims(shape: StudentShape, *, teacher_widths: tuple[int, ...], teach
         widths = tuple(widths * 2**i for i in range(stages))
     depths = shape.depth if shape.depth is not None else teacher_depths
     if isinstance(depths, int):
-        raise ValueError(f"depth for a ConvNeXt is one count per stage ({stages} stages), got {depths!r}")
+        raise ValueError(f"depth for a {model} is one count per stage ({stages} stages), got {depths!r}")
     widths, depths = tuple(widths), tuple(depths)
     if len(widths) != stages or len(depths) != stages:
         raise ValueError(f"the teacher has {stages} stages; got hidden_size {widths} and depth {depths}")
+    if check_sizes:
+        problems = [f"stage {i + 1} {what} {value} (the teacher's {limit})"
+                    for what, values, limits in (("width", widths, teacher_widths), ("depth", depths, teacher_depths))
+                    for i, (value, limit) in enumerate(zip(values, limits)) if not 1 <= value <= limit]
+        if problems:
+            raise ValueError(f"cannot build this {model} student: {'; '.join(problems)}. Every stage needs between 1 "
+                             "and the teacher's number of channels and blocks")
     return widths, depths
 
 

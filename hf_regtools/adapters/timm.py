@@ -16,7 +16,7 @@ from timm.models import save_for_hf
 from timm.models import PretrainedCfg
 from timm.models._hub import load_model_config_from_path
 
-from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, vit_dims
+from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, stage_dims, vit_dims
 
 
 @dataclass
@@ -116,11 +116,55 @@ def _convnext_shape(skeleton: torch.nn.Module, args: dict[str, Any], shape: Stud
     return ("dims",), ("depths",)
 
 
+def _resnet_shape(skeleton: torch.nn.Module, args: dict[str, Any], shape: StudentShape
+                  ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A ResNet's `channels` (stage widths over the block expansion), `layers` and, for a deep stem, `stem_width`.
+
+    timm's plain 7x7 stem is always 64 wide; a deep stem (`stem_type="deep"`, `"deep_tiered"`) is `2 * stem_width`
+    wide, kept as wide as the first stage when the teacher's are equal (no downsampling shortcut), else scaled with it.
+    """
+    stages = [module for name, module in skeleton.named_children() if name.startswith("layer")]
+    expansion = type(stages[0][0]).expansion
+    widths, depths = stage_dims(shape, teacher_widths=tuple(_block_width(stage) for stage in stages),
+                                teacher_depths=tuple(len(stage) for stage in stages), model="ResNet", check_sizes=True)
+    if any(width % expansion for width in widths):
+        raise ValueError(f"the stage widths {widths} of a bottleneck ResNet must be multiples of its expansion, "
+                         f"{expansion} (timm's `channels` are the widths over {expansion})")
+    args["channels"], args["layers"] = tuple(width // expansion for width in widths), depths
+    teacher_stem, teacher_first = skeleton.bn1.num_features, _block_width(stages[0])
+    projects = stages[0][0].downsample is not None
+    if not isinstance(skeleton.conv1, torch.nn.Sequential):
+        if (widths[0] != 64) != projects:
+            raise ValueError(
+                f"timm ResNet's 7x7 stem is always 64 channels wide; the teacher's first stage ({teacher_first} "
+                f"channels) {'has' if projects else 'has no'} downsampling shortcut, so the student's "
+                f"{'cannot be 64 channels wide' if projects else 'must keep 64 channels'} (hidden_size {widths})")
+        return ("channels",), ("layers",)
+    stem_width = (widths[0] if not projects else max(1, round(teacher_stem * widths[0] / teacher_first))) // 2
+    if skeleton.conv1[0].out_channels != skeleton.conv1[3].out_channels and stem_width < 4:
+        raise ValueError(f"a tiered deep stem needs stem_width >= 4 (its first convolution is 3 * (stem_width // 4) "
+                         f"wide), but a first stage of {widths[0]} channels gives {stem_width}; choose a wider first "
+                         "stage")
+    if not projects and widths[0] % 2 or projects and 2 * stem_width == widths[0]:
+        raise ValueError(f"cannot give the deep stem of this ResNet student a width for a first stage of "
+                         f"{widths[0]} channels: the teacher's stem ({teacher_stem}) and first stage "
+                         f"({teacher_first}) are {'different' if projects else 'equal'}, and so must the student's "
+                         f"be{' (an even width)' if not projects else ''}; choose another first-stage width")
+    args["stem_width"] = stem_width
+    return ("channels", "stem_width"), ("layers",)
+
+
+def _block_width(stage: torch.nn.Module) -> int:
+    block = stage[-1]
+    return (block.bn3 if hasattr(block, "bn3") else block.bn2).num_features
+
+
 # Family name -> how a student's shape overrides the teacher's `model_args` (in place), given the teacher's skeleton;
 # returns the `model_args` keys that set widths and those that set depths.
 SHAPE_RULES: dict[str, Callable[[torch.nn.Module, dict[str, Any], StudentShape],
                                 tuple[tuple[str, ...], tuple[str, ...]]]] = {
     "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
+    "resnet": _resnet_shape,
 }
 
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig
 
-from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, vit_dims
+from . import ModelFamily, StudentShape, UnsupportedModelError, convnext_dims, stage_dims, vit_dims
 
 IMAGE_CLASSIFICATION_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
 
@@ -57,6 +57,24 @@ def _vit_shape(config: PretrainedConfig, shape: StudentShape) -> None:
 def _convnext_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     widths, depths = convnext_dims(shape, teacher_widths=tuple(config.hidden_sizes), teacher_depths=tuple(config.depths))
     config.hidden_sizes, config.depths = list(widths), list(depths)
+
+
+def _resnet_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    """A ResNet's `hidden_sizes`, `depths` and `embedding_size` (the stem's width): as wide as the first stage when
+    the teacher's are equal (no downsampling shortcut), else scaled with it."""
+    widths, depths = stage_dims(shape, teacher_widths=tuple(config.hidden_sizes), teacher_depths=tuple(config.depths),
+                                model="ResNet", check_sizes=True)
+    if config.layer_type == "bottleneck" and min(widths) < 4:
+        raise ValueError(f"the stage widths {widths} of a bottleneck ResNet must be at least 4 (a bottleneck reduces "
+                         "its width by 4)")
+    stem, first = config.embedding_size, config.hidden_sizes[0]
+    projects = stem != first or config.downsample_in_first_stage
+    student_stem = widths[0] if stem == first else max(1, round(stem * widths[0] / first))
+    if projects and not config.downsample_in_first_stage and student_stem == widths[0]:
+        raise ValueError(f"the teacher's stem ({stem} channels) and first stage ({first}) differ, so the student's "
+                         f"must too, but scaling the stem with a first stage of {widths[0]} channels makes them equal; "
+                         "choose another first-stage width")
+    config.hidden_sizes, config.depths, config.embedding_size = list(widths), list(depths), student_stem
 
 
 def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
@@ -136,7 +154,7 @@ def _encoder_shape(config: PretrainedConfig, shape: StudentShape) -> None:
 # Family name -> how a student's shape overrides a copy of the teacher's config (in place).
 SHAPE_RULES: dict[str, Callable[[PretrainedConfig, StudentShape], None]] = {
     "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
-    "llama": _llama_shape, "bert": _encoder_shape, "roberta": _encoder_shape,
+    "llama": _llama_shape, "bert": _encoder_shape, "roberta": _encoder_shape, "resnet": _resnet_shape,
 }
 
 

@@ -51,7 +51,7 @@ class DropRateController:
         if on_identity not in ("install", "error"):
             raise ValueError(f"on_identity must be 'install' or 'error', got {on_identity!r}")
         self.target, self.rate = target, None
-        family = detect_family(model)
+        family = detect_family(model, technique="dropout_schedules")
         if target == "dropout":
             self.sites = [[site] for site in dropout_sites(model, include_head=include_head)]
         else:

@@ -1,8 +1,8 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
-(the vision families, Llama-layout decoders, `transformers_llama`, and BERT-style encoders, `transformers_bert` and
-`transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+(the vision families, ResNets, Llama-layout decoders, `transformers_llama`, and BERT-style encoders,
+`transformers_bert` and `transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
@@ -134,6 +134,17 @@ def timm_vgg(*, widths: tuple[int, ...] = (16, 32, 32), mlp_ratio: float = 1 / 2
     cfg = [widths[0], "M", *widths[1:], "M"]
     return VGG(cfg, num_classes=num_classes, mlp_ratio=mlp_ratio,
                norm_layer=torch.nn.BatchNorm2d if batch_norm else None)
+
+
+def timm_resnet_model(architecture: str = "resnet18", *, channels: tuple[int, ...] = (8, 16, 32, 64),
+                      layers: tuple[int, ...] = (2, 2, 2, 2), num_classes: int = 3, **kwargs) -> torch.nn.Module:
+    """A tiny registered timm ResNet (`timm.create_model`, so that it saves with a config timm rebuilds):
+    `"resnet18"` (basic blocks), `"resnet50"` (bottlenecks), `"resnet10t"` / `"resnet50d"` (deep stems `2 *
+    stem_width` wide, average-pool shortcuts). timm's plain stem is 64 channels wide."""
+    import timm
+
+    return timm.create_model(architecture, pretrained=False, channels=channels, layers=layers,
+                             num_classes=num_classes, **kwargs)
 
 
 def timm_resnet_classifier(**kwargs) -> TimmClassifier:
@@ -288,12 +299,16 @@ TEACHERS[("transformers", "llama")] = transformers_llama
 TEACHERS[("transformers", "bert")] = transformers_bert
 TEACHERS[("transformers", "roberta")] = transformers_roberta
 TEACHERS[("timm", "vgg")] = timm_vgg
+TEACHERS[("timm", "resnet")] = timm_resnet_model
+TEACHERS[("transformers", "resnet")] = lambda **kw: transformers_resnet(**{"depths": (2, 2, 2, 2), **kw})
 
 _STUDENT_ARGS = {
     "timm": {"vit": dict(embed_dim=8, depth=2, num_heads=1), "convnext": dict(dims=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
-             "vgg": dict(widths=(8, 16, 16), mlp_ratio=1 / 512)},
+             "vgg": dict(widths=(8, 16, 16), mlp_ratio=1 / 512),
+             "resnet": dict(channels=(4, 8, 16, 32), layers=(1, 2, 1, 1))},
     "transformers": {"vit": dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16),
                      "convnext": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 1, 2, 1)),
+                     "resnet": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 2, 1, 1), embedding_size=4),
                      "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                    intermediate_size=24, head_dim=8),
                      **{name: dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16)

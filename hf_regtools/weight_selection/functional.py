@@ -147,12 +147,12 @@ def select_weights(
 ) -> SelectionReport:
     """Initialize `student` in place with weights selected from `teacher`.
 
-    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2;
-    transformers Llama-layout decoders, BERT and RoBERTa; not Swin, see the method card), the student no wider and
-    no deeper than the teacher. The teacher may be a module, a state dict, or a `CheckpointReader` that reads one
-    tensor at a time from the teacher's files. A module may wrap the model (`TimmWrapperForImageClassification`,
-    DDP, `torch.compile`, a user module holding it): the supported model inside is used
-    (`hf_regtools.adapters.find_supported_model`).
+    Teacher and student must be of the same library and family (timm or transformers ViT/DeiT, ConvNeXt v1/v2,
+    ResNets; timm VGG; transformers Llama-layout decoders, BERT and RoBERTa; not Swin, see the method card), the
+    student no wider and no deeper than the teacher. The teacher may be a module, a state dict, or a
+    `CheckpointReader` that reads one tensor at a time from the teacher's files. A module may wrap the model
+    (`TimmWrapperForImageClassification`, DDP, `torch.compile`, a user module holding it): the supported model inside
+    is used (`hf_regtools.adapters.find_supported_model`).
 
     Args:
         teacher (`nn.Module` or `Mapping[str, Tensor]`): the pretrained teacher.
@@ -214,10 +214,12 @@ def select_weights(
     skipped = _skipped_keys(family, student_tensors, skip, keep_classifier)
 
     selected_keys = [key for key in student_tensors if key not in skipped]
+    aliases = _shared_axes(family, teacher_tensors, student_tensors)
     teacher_depths = block_depths(family.layers, teacher_tensors)
     student_depths = block_depths(family.layers, student_tensors)
     axis_scores, layer_choice = _split_scores(scores, mode, layers, student_depths)
-    mapping = layer_map(layer_choice, teacher_depths, student_depths) if family.layers else {}
+    mapping = (layer_map(layer_choice, teacher_depths, student_depths, keep_first=family.keep_first_block)
+               if family.layers else {})
     sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
     missing = [key for key, source in sources.items() if source not in teacher_tensors]
     if missing:
@@ -246,7 +248,7 @@ def select_weights(
         target, source_key = student_tensors[key], sources[key]
         with _borrowed(teacher_tensors, source_key) as teacher_tensor:
             source = _match_ndim(teacher_tensor, tuple(target.shape), key, reshape_1x1)
-            axes = family.axis_names(source_key, source.ndim, last_stage=last_stage)
+            axes = family.axis_names(source_key, source.ndim, last_stage=last_stage, aliases=aliases)
             if axes is not None and qkv_mode == "fused" and family.is_fused_qkv(source_key):
                 axes = ("", *axes[1:])
             chunks = 3 if qkv_mode == "per_chunk" and family.is_fused_qkv(source_key) else 1
@@ -288,6 +290,22 @@ def _source_key(family: ModelFamily, key: str, mapping: dict[str, list[int]], te
             if re.search(pattern, key) and tied_to in teacher_tensors:
                 return tied_to
     return source
+
+
+def _shared_axes(family: ModelFamily, teacher_tensors, student_tensors) -> dict[str, str]:
+    """The teacher's axis aliases (`ModelFamily.shared_axes`); raises when the student's differ."""
+    teacher, student = family.axis_aliases(teacher_tensors), family.axis_aliases(student_tensors)
+    if teacher != student:
+        differ = sorted(name for name in {*teacher, *student} if teacher.get(name) != student.get(name))
+        described = lambda aliases, name: (f"{name} is {aliases[name]} (identity residual, no projection)"  # noqa: E731
+                                           if name in aliases else f"{name} has its own channels (a projection)")
+        raise WeightSelectionError(
+            f"teacher and student differ in their residual connections: in the teacher "
+            f"{', '.join(described(teacher, name) for name in differ)}; in the student "
+            f"{', '.join(described(student, name) for name in differ)}. Build the student with a projection "
+            "shortcut exactly where the teacher has one (a ResNet: a stem as wide as the first stage in both, or "
+            "different in both)")
+    return teacher
 
 
 def _factor_sizes(family: ModelFamily, config, model) -> dict[str, int]:

@@ -242,6 +242,7 @@ class _Recorder:
         keys = list(model.state_dict())
         stages = [int(stage) for stage in block_depths(family.layers, keys) if stage.isdigit()]
         self.last_stage = max(stages) if stages else None
+        self.aliases = family.axis_aliases(keys)
         self.factor_sizes = _teacher_factor_sizes(family, model)
         self._stack = ExitStack()
 
@@ -250,7 +251,8 @@ class _Recorder:
             axis = _input_axis(module)
             weight = getattr(module, "weight", None)
             if axis is not None and isinstance(weight, torch.Tensor):
-                names = self.family.axis_names(f"{name}.weight", weight.ndim, last_stage=self.last_stage)
+                names = self.family.axis_names(f"{name}.weight", weight.ndim, last_stage=self.last_stage,
+                                               aliases=self.aliases)
                 if names and names[axis]:
                     self._hook(module, self._layer_hook(name, names[axis], weight.shape[axis]))
             if self.with_blocks and (block := _block_of(self.family.layers, name)) is not None:

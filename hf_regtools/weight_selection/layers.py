@@ -31,8 +31,8 @@ def _stage_order(stage: str) -> int:
     return int(stage) if stage.isdigit() else -1
 
 
-def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depths: dict[str, int]
-              ) -> dict[str, list[int]]:
+def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depths: dict[str, int], *,
+              keep_first: bool = False) -> dict[str, list[int]]:
     """For every stage, the teacher block each student block reads.
 
     Args:
@@ -41,6 +41,9 @@ def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depth
             block indices (one per student block, increasing), or one such list per stage; as text, `"0,2,5"` and
             `"0,1;0,2"` (stages separated by `;`).
         teacher_depths, student_depths (`dict[str, int]`): blocks per stage (`block_depths`).
+        keep_first (`bool`, *optional*, defaults to `False`): student block 0 reads teacher block 0 in every stage
+            (`ModelFamily.keep_first_block`): `"last"` takes block 0 and the last N-1, explicit lists must start with
+            0 (`"first"` and `"even"` always do).
     """
     missing = [stage for stage in student_depths if stage not in teacher_depths]
     if missing:
@@ -78,10 +81,15 @@ def layer_map(layers: LayerChoice, teacher_depths: dict[str, int], student_depth
             if len(chosen) != student or any(not 0 <= i < teacher for i in chosen) or chosen != sorted(set(chosen)):
                 raise WeightSelectionError(f"layers{where} {chosen}: need {student} distinct increasing teacher block "
                                            f"indices in 0..{teacher - 1} (the student has {student} blocks{where})")
+            if keep_first and chosen[0] != 0:
+                raise WeightSelectionError(f"layers{where} {chosen}: the first block of a stage changes its width and "
+                                           "resolution, so student block 0 must read teacher block 0; start the list "
+                                           "with 0")
         elif layers == "first":
             chosen = list(range(student))
         elif layers == "last":
-            chosen = list(range(teacher - student, teacher))
+            kept = int(keep_first)
+            chosen = list(range(kept)) + list(range(teacher - student + kept, teacher))
         else:
             chosen = uniform_indices(teacher, student).tolist()
         mapping[stage] = chosen

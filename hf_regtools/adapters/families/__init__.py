@@ -6,6 +6,6 @@ Each module defines `FAMILIES`, a tuple of `ModelFamily`; `ALL` gathers them for
 from __future__ import annotations
 
 from .. import ModelFamily
-from . import bert, llama, vgg
+from . import bert, llama, resnet, vgg
 
-ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES, *bert.FAMILIES, *vgg.FAMILIES)
+ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES, *bert.FAMILIES, *resnet.FAMILIES, *vgg.FAMILIES)
