@@ -37,9 +37,11 @@ PREPROCESSING_FILES: dict[str, tuple[str, ...]] = {
     "image processor": ("preprocessor_config.json",),
     "tokenizer": ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja"),
+    "generation config": ("generation_config.json",),
 }
 """Files that prepare a model's inputs, by kind: fetched with its config, copied to a student that keeps what they
-depend on (tokenizer files belong here too)."""
+depend on (tokenizer files belong here too, and a language model's generation settings: special token ids, sampling
+defaults)."""
 CONFIG_PATTERNS = ("config.json", "*.md", *(name for files in PREPROCESSING_FILES.values() for name in files))
 LIBRARIES = ("timm", "transformers")
 

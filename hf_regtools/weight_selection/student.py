@@ -360,7 +360,7 @@ def _preprocessing(adapter, teacher_config, student_config, teacher_folder: Path
     for kind, names in hub.PREPROCESSING_FILES.items():
         present = [teacher_folder / name for name in names if teacher_folder and (teacher_folder / name).is_file()]
         if not present:
-            applies = (kind == "tokenizer") == (not teacher_inputs)  # text models have no image inputs
+            applies = kind == ("image processor" if teacher_inputs else "tokenizer")  # text models: no image inputs
             if not is_timm and applies:  # timm keeps its preprocessing in config.json
                 notes[kind] = ("none: the teacher was given as a loaded model" if teacher_folder is None else
                                "none: the teacher has no " + ", ".join(f"`{name}`" for name in names))

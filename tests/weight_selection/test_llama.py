@@ -117,7 +117,9 @@ def test_student_keeps_the_tokenizer_loads_generates_and_has_a_text_card(tmp_pat
     torch.manual_seed(0)
     teacher_dir = tmp_path / "teacher"
     tokenizer = _tokenizer(teacher_dir)
-    transformers_llama(vocab_size=len(tokenizer)).save_pretrained(teacher_dir)
+    teacher = transformers_llama(vocab_size=len(tokenizer))
+    teacher.generation_config.update(eos_token_id=tokenizer.eos_token_id, max_new_tokens=7, repetition_penalty=1.3)
+    teacher.save_pretrained(teacher_dir)
     code = cli(["select", str(teacher_dir), "--hidden-size", "16", "--depth", "2", "--num-heads", "2",
                 "--num-key-value-heads", "1", "--layers", "even", "--output", str(tmp_path / "student")])
     assert code == 0
@@ -134,6 +136,8 @@ def test_student_keeps_the_tokenizer_loads_generates_and_has_a_text_card(tmp_pat
     assert "pipeline_tag: text-generation" in card and "AutoModelForCausalLM" in card
     assert "teacher blocks 0, 2" in card  # layers="even": 4 -> 2 blocks
     assert "tokenizer: copied from the teacher" in card
+    assert (student_dir / "generation_config.json").read_text() == (teacher_dir / "generation_config.json").read_text()
+    assert (model.generation_config.max_new_tokens, model.generation_config.repetition_penalty) == (7, 1.3)
 
 
 def test_student_is_built_in_the_teachers_dtype(tmp_path):
