@@ -9,7 +9,7 @@ from hf_regtools.schedules import drop_schedule, drop_schedule_array
 from hf_regtools.testing.tiny_models import (MODELS, timm_convnext, timm_swin, timm_vit, transformers_convnext,
                                              transformers_swin, transformers_vit)
 
-STOCHASTIC_DEPTH = sorted(key for key in MODELS if key[0] == "timm" or key[1] not in ("vit", "deit", "llama"))
+STOCHASTIC_DEPTH = sorted(key for key in MODELS if key[0] == "timm" or key[1] not in ("vit", "deit", "llama", "gpt2"))
 DROPOUT = sorted(key for key in MODELS if key[0] == "timm" or "convnext" not in key[1])
 BLOCKS = {"vit": 4, "deit": 4, "convnext": 9, "convnextv2": 9, "swin": 4}
 

@@ -6,6 +6,6 @@ Each module defines `FAMILIES`, a tuple of `ModelFamily`; `ALL` gathers them for
 from __future__ import annotations
 
 from .. import ModelFamily
-from . import llama
+from . import gpt2, llama
 
-ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES,)
+ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES, *gpt2.FAMILIES)
