@@ -265,8 +265,13 @@ def test_bad_gpt2_students_are_refused_before_any_weight_is_read(tmp_path, overr
 
 
 def test_a_model_with_gpt2_key_names_but_linear_weights_is_refused(tmp_path):
-    from transformers import GPTBigCodeConfig
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
 
-    GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64).save_pretrained(tmp_path / "teacher")
-    with pytest.raises(UnsupportedModelError, match="gpt_bigcode has GPT-2's key names but not its layout"):
+    config = GPTBigCodeConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    config.save_pretrained(tmp_path / "teacher")
+    refused = "gpt_bigcode has GPT-2's key names but not its layout"
+    with pytest.raises(UnsupportedModelError, match=refused):
         initialize_student(tmp_path / "teacher", hidden_size=16)
+    student_config = GPTBigCodeConfig(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    with pytest.raises(UnsupportedModelError, match=refused):
+        select_weights(GPTBigCodeForCausalLM(config), GPTBigCodeForCausalLM(student_config))
