@@ -77,14 +77,25 @@ def _resnet_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     config.hidden_sizes, config.depths, config.embedding_size = list(widths), list(depths), student_stem
 
 
-def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
-    from .families.llama import attention_sizes
-
-    teacher = attention_sizes(config)
+def _decoder_width_depth(config: PretrainedConfig, shape: StudentShape) -> tuple[int, int]:
+    """The student decoder's width and depth: the shape's, else the teacher's; single integers."""
     width = shape.hidden_size if shape.hidden_size is not None else config.hidden_size
     depth = shape.depth if shape.depth is not None else config.num_hidden_layers
     if not isinstance(width, int) or not isinstance(depth, int):
         raise ValueError(f"hidden_size and depth of a decoder are single integers, got {width!r} and {depth!r}")
+    return width, depth
+
+
+def _larger_than_teacher(*sizes: tuple[str, int, int]) -> list[str]:
+    """A problem for every `(what, student size, teacher size)` where the student's is larger."""
+    return [f"{what} {value} is larger than the teacher's {limit}" for what, value, limit in sizes if value > limit]
+
+
+def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    from .families.llama import attention_sizes
+
+    teacher = attention_sizes(config)
+    width, depth = _decoder_width_depth(config, shape)
     head_dim = shape.head_dim or teacher["head_dim"]
     heads = shape.num_heads
     if heads is None:
@@ -99,7 +110,9 @@ def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
                              "heads per key/value head; pass --num-key-value-heads (num_key_value_heads=)")
         kv_heads = heads // teacher["group"]
     mlp = shape.mlp_dim if shape.mlp_dim is not None else config.intermediate_size * width // config.hidden_size
-    problems = _larger_than_teacher(config, width, depth, mlp, heads, heads_label="number of query heads")
+    problems = _larger_than_teacher(
+        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
+        ("MLP width", mlp, config.intermediate_size), ("number of query heads", heads, config.num_attention_heads))
     if kv_heads > teacher["kv_heads"]:
         problems.append(f"{kv_heads} key/value heads, more than the teacher's {teacher['kv_heads']}")
     if heads % kv_heads:
@@ -121,15 +134,6 @@ def _llama_shape(config: PretrainedConfig, shape: StudentShape) -> None:
         config.layer_types = config.layer_types[:depth]
 
 
-def _larger_than_teacher(config: PretrainedConfig, width: int, depth: int, mlp: int, heads: int, *,
-                         heads_label: str = "number of heads") -> list[str]:
-    """What of a student's hidden size, depth, MLP width and heads is larger than the teacher's `config`."""
-    return [f"{what} {value} is larger than the teacher's {limit}" for what, value, limit in (
-        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
-        ("MLP width", mlp, config.intermediate_size), (heads_label, heads, config.num_attention_heads))
-        if value > limit]
-
-
 def _encoder_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     """BERT-style encoders: ViT's rule for width, heads and MLP width (whole heads of the teacher's head dimension by
     default), every length checked against the teacher's before any weight is read."""
@@ -140,7 +144,9 @@ def _encoder_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     depth = shape.depth if shape.depth is not None else config.num_hidden_layers
     if not isinstance(depth, int):
         raise ValueError(f"depth of a BERT-style encoder is one integer, got {depth!r}")
-    problems = _larger_than_teacher(config, width, depth, mlp, heads)
+    problems = _larger_than_teacher(
+        ("hidden size", width, config.hidden_size), ("depth", depth, config.num_hidden_layers),
+        ("MLP width", mlp, config.intermediate_size), ("number of heads", heads, config.num_attention_heads))
     teacher_head_dim = attention_sizes(config)["head_dim"]
     if width // heads > teacher_head_dim:
         problems.append(f"head dimension {width // heads} (hidden size {width} / {heads} heads) is larger than the "
@@ -151,10 +157,30 @@ def _encoder_shape(config: PretrainedConfig, shape: StudentShape) -> None:
     config.num_hidden_layers = depth
 
 
+def _gpt2_shape(config: PretrainedConfig, shape: StudentShape) -> None:
+    from .families.gpt2 import attention_sizes
+
+    teacher = attention_sizes(config)
+    _, depth = _decoder_width_depth(config, shape)
+    teacher_mlp = config.n_inner or 4 * config.n_embd
+    width, heads, mlp = vit_dims(shape, teacher_width=config.n_embd, teacher_heads=config.n_head,
+                                 teacher_mlp=teacher_mlp)
+    problems = _larger_than_teacher(
+        ("hidden size", width, config.n_embd), ("depth", depth, config.n_layer), ("MLP width", mlp, teacher_mlp),
+        ("number of heads", heads, config.n_head), ("head dimension", width // heads, teacher["head_dim"]))
+    if shape.num_heads is not None and shape.head_dim is not None and shape.num_heads * shape.head_dim != width:
+        problems.append(f"{shape.num_heads} heads of {shape.head_dim} do not make the hidden size {width} (GPT-2's "
+                        "head dimension is hidden_size / num_heads); pass one of num_heads and head_dim")
+    if problems:
+        raise ValueError("cannot build this GPT-2 student: " + "; ".join(problems))
+    config.n_embd, config.n_layer, config.n_head, config.n_inner = width, depth, heads, mlp
+
+
 # Family name -> how a student's shape overrides a copy of the teacher's config (in place).
 SHAPE_RULES: dict[str, Callable[[PretrainedConfig, StudentShape], None]] = {
     "vit": _vit_shape, "deit": _vit_shape, "convnext": _convnext_shape, "convnextv2": _convnext_shape,
-    "llama": _llama_shape, "bert": _encoder_shape, "roberta": _encoder_shape, "resnet": _resnet_shape,
+    "llama": _llama_shape, "gpt2": _gpt2_shape, "bert": _encoder_shape, "roberta": _encoder_shape,
+    "resnet": _resnet_shape,
 }
 
 

@@ -1,14 +1,15 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
-(the vision families, ResNets, Llama-layout decoders, `transformers_llama`, and BERT-style encoders,
-`transformers_bert` and `transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+(the vision families, ResNets, Llama-layout decoders, `transformers_llama`, GPT-2, `transformers_gpt2`, and
+BERT-style encoders, `transformers_bert` and `transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
 "logits"}`. BatchNorm ResNets (`timm_resnet`, `transformers_resnet`) and a BERT-style text encoder
 (`transformers_bert`), a bias-free MLP without normalization (`mlp_classifier`) and a VGG-style BatchNorm CNN
 (`vgg_classifier`) serve the techniques that need them; `INPUTS` says what each Trainer-ready builder consumes.
+`byte_level_tokenizer` is a small tokenizer for the text models.
 """
 
 from __future__ import annotations
@@ -269,6 +270,39 @@ def transformers_llama(*, hidden_size: int = 32, num_hidden_layers: int = 4, num
     return getattr(transformers, f"{name}ForCausalLM")(config)
 
 
+def transformers_gpt2(*, n_embd: int = 32, n_layer: int = 4, n_head: int = 4, n_inner: int | None = None,
+                      vocab_size: int = TEXT_VOCAB_SIZE, classification: bool = False, **kwargs) -> torch.nn.Module:
+    """A tiny GPT-2 (`GPT2LMHeadModel`, or `GPT2ForSequenceClassification` with `classification`), its MLP 4 times
+    its width unless `n_inner` is given."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_inner=n_inner, vocab_size=vocab_size,
+                        n_positions=8 * TEXT_LENGTH, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kwargs)
+    return (GPT2ForSequenceClassification if classification else GPT2LMHeadModel)(config)
+
+
+def byte_level_tokenizer(*, vocab_size: int = 300, unk_token: str = "<unk>", bos_token: str = "<s>",
+                         eos_token: str = "</s>"):
+    """A byte-level BPE tokenizer (the kind GPT-2 and Llama 3 use) trained on the standard library's `textwrap.py`,
+    as a `PreTrainedTokenizerFast` of `vocab_size` tokens (special tokens first)."""
+    import sysconfig
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    source = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys((unk_token, bos_token,
+                                                                                            eos_token))),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([source], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=unk_token, bos_token=bos_token,
+                                   eos_token=eos_token, model_input_names=["input_ids", "attention_mask"])
+
+
 INPUTS: dict[str, dict] = {
     "transformers_vit": {"image_size": 16},
     "transformers_convnext": {"image_size": 32},
@@ -296,6 +330,7 @@ TEACHERS: dict[tuple[str, str], Callable[..., torch.nn.Module]] = {
     ("transformers", "convnextv2"): lambda **kw: transformers_convnext(v2=True, **kw),
 }
 TEACHERS[("transformers", "llama")] = transformers_llama
+TEACHERS[("transformers", "gpt2")] = transformers_gpt2
 TEACHERS[("transformers", "bert")] = transformers_bert
 TEACHERS[("transformers", "roberta")] = transformers_roberta
 TEACHERS[("timm", "vgg")] = timm_vgg
@@ -311,6 +346,7 @@ _STUDENT_ARGS = {
                      "resnet": dict(hidden_sizes=(4, 8, 16, 32), depths=(1, 2, 1, 1), embedding_size=4),
                      "llama": dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
                                    intermediate_size=24, head_dim=8),
+                     "gpt2": dict(n_embd=16, n_layer=2, n_head=2, n_inner=48),
                      **{name: dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=16)
                         for name in ("bert", "roberta")}},
 }

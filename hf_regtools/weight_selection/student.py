@@ -487,7 +487,7 @@ def _architecture_summary(result: SelectedStudent) -> str:
         return summary
     config = model.config
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "hidden_sizes", "depths")
+            "intermediate_size", "n_inner", "hidden_sizes", "depths")
     return f"{type(model).__name__} ({', '.join(f'{k}={getattr(config, k)}' for k in keys if hasattr(config, k))})"
 
 

@@ -11,7 +11,7 @@ from hf_regtools.testing.tiny_models import (MODELS, timm_convnext, timm_swin, t
 
 SCHEDULED = {key: build for key, build in MODELS.items() if " ".join(key) in supported_families("dropout_schedules")}
 STOCHASTIC_DEPTH = sorted(key for key in SCHEDULED if key != ("timm", "vgg")  # no residual blocks
-                          and (key[0] == "timm" or key[1] not in ("vit", "deit", "llama", "bert", "roberta")))
+                          and (key[0] == "timm" or key[1] not in ("vit", "deit", "llama", "gpt2", "bert", "roberta")))
 DROPOUT = sorted(key for key in SCHEDULED if key[0] == "timm" or "convnext" not in key[1])
 BLOCKS = {"vit": 4, "deit": 4, "convnext": 9, "convnextv2": 9, "swin": 4}
 

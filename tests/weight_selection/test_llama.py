@@ -1,13 +1,12 @@
 """Weight selection for Llama-layout decoders: GQA heads, rotary pairs, tied embeddings, tokenizer, generate."""
 
-import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 
 from hf_regtools.cli import main as cli
-from hf_regtools.testing.tiny_models import transformers_llama
+from hf_regtools.testing.tiny_models import byte_level_tokenizer, transformers_llama
 from hf_regtools.weight_selection import initialize_student, select_weights, uniform_indices
 
 VOCAB = 300
@@ -95,20 +94,9 @@ def test_tied_embeddings_stay_tied_and_a_checkpoint_without_lm_head_works(tmp_pa
 
 
 def _tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    source = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([source], trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                      model_input_names=["input_ids", "attention_mask"])
-    wrapped.save_pretrained(folder)
-    return wrapped
+    tokenizer = byte_level_tokenizer(vocab_size=VOCAB)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 def test_student_keeps_the_tokenizer_loads_generates_and_has_a_text_card(tmp_path):

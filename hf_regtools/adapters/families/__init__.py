@@ -6,6 +6,6 @@ Each module defines `FAMILIES`, a tuple of `ModelFamily`; `ALL` gathers them for
 from __future__ import annotations
 
 from .. import ModelFamily
-from . import bert, llama, resnet, vgg
+from . import bert, gpt2, llama, resnet, vgg
 
-ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES, *bert.FAMILIES, *resnet.FAMILIES, *vgg.FAMILIES)
+ALL: tuple[ModelFamily, ...] = (*llama.FAMILIES, *gpt2.FAMILIES, *bert.FAMILIES, *resnet.FAMILIES, *vgg.FAMILIES)
