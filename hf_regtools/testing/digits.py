@@ -63,15 +63,26 @@ def train_steps(model: torch.nn.Module, dataset, *, steps: int, batch_size: int 
     """Train with AdamW on shuffled mini-batches for `steps` steps; returns the training loss of every step."""
     images, labels = tensors(dataset)
     generator = torch.Generator().manual_seed(seed)
+
+    def batches():
+        order, position = torch.randperm(len(labels), generator=generator), 0
+        for _ in range(steps):
+            if position + batch_size > len(labels):
+                order, position = torch.randperm(len(labels), generator=generator), 0
+            yield order[position:position + batch_size]
+            position += batch_size
+
+    return adamw_steps(model, batches(), lambda batch: torch.nn.functional.cross_entropy(
+        logits_of(model, images[batch]), labels[batch]), lr=lr, weight_decay=weight_decay)
+
+
+def adamw_steps(model: torch.nn.Module, batches, loss_of, *, lr: float, weight_decay: float) -> list[float]:
+    """One AdamW step (in train mode) on `loss_of(batch)` for every batch; returns every step's loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     model.train()
-    losses, order, position = [], torch.randperm(len(labels), generator=generator), 0
-    for _ in range(steps):
-        if position + batch_size > len(labels):
-            order, position = torch.randperm(len(labels), generator=generator), 0
-        batch = order[position:position + batch_size]
-        position += batch_size
-        loss = torch.nn.functional.cross_entropy(logits_of(model, images[batch]), labels[batch])
+    losses = []
+    for batch in batches:
+        loss = loss_of(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -51,19 +51,17 @@ def stdlib_dataset(split: str, *, sequence_length: int = 64, max_sequences: int 
 def train_causal_lm(model: torch.nn.Module, tokens: torch.Tensor, *, steps: int, batch_size: int = 16,
                     sequence_length: int = 64, lr: float = 3e-3, seed: int = 0) -> list[float]:
     """Train a transformers causal LM with AdamW on random windows of `tokens`; returns every step's loss."""
+    from .digits import adamw_steps
+
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        starts = torch.randint(0, len(tokens) - sequence_length, (batch_size,), generator=generator)
-        batch = torch.stack([tokens[start:start + sequence_length] for start in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+
+    def batches():
+        for _ in range(steps):
+            starts = torch.randint(0, len(tokens) - sequence_length, (batch_size,), generator=generator)
+            yield torch.stack([tokens[start:start + sequence_length] for start in starts.tolist()])
+
+    return adamw_steps(model, batches(), lambda batch: model(input_ids=batch, labels=batch).loss, lr=lr,
+                       weight_decay=0.0)
 
 
 @torch.no_grad()
