@@ -59,9 +59,10 @@ class ModelFamily:
         paired_factors (`tuple[str, ...]`): factors selected in rotary pairs (a RoPE head dimension).
         tied (`tuple[tuple[str, str], ...]`): `(student key regex, teacher key)`: a student tensor tied to another
             reads that teacher tensor when the checkpoint does not store it (tied word embeddings).
-        fixed_depth (`bool`): the keys number layers in a way that layer selection cannot remap (timm VGG's flat
-            `features` sequence), so weight selection needs the student to have every teacher tensor, under the
-            same key: only widths may shrink.
+        flat_blocks (`Callable`, *optional*): for a family whose keys number its layers in one flat sequence (timm
+            VGG's `features`), so that no regex finds a block index: the keys of a checkpoint -> `(stage, block,
+            part)` of every key inside a block, `part` naming the tensor within its block. Layer selection then maps
+            student block `(stage, i)` to teacher block `(stage, map[i])`, part by part; it replaces `layers`.
         shared_axes (`tuple[tuple[str, str, str], ...]`): `(regex, name, same_as)`, each holding `{stage}` (offsets as
             in `axes`): for every stage of a checkpoint (the `stage` group of `layers`) where no key matches `regex`,
             axis `name` is axis `same_as`, one index set for both. A residual connection without a projection adds
@@ -91,7 +92,7 @@ class ModelFamily:
     factor_sizes: Callable[[Any], dict[str, int]] | None = None
     paired_factors: tuple[str, ...] = ()
     tied: tuple[tuple[str, str], ...] = ()
-    fixed_depth: bool = False
+    flat_blocks: Callable[[Iterable[str]], dict[str, tuple[str, int, str]]] | None = None
     shared_axes: tuple[tuple[str, str, str], ...] = ()
     keep_first_block: bool = False
 

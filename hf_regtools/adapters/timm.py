@@ -177,11 +177,12 @@ def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelF
     architecture with the student's shape in `model_args`. `pretrained_cfg` keeps the source's input preprocessing
     and drops what describes the source's weights (tag, Hub id, license, labels of another label space).
     """
-    if family.name not in SHAPE_RULES:
+    if family.name not in SHAPE_RULES and not shape.is_empty():
         raise UnsupportedModelError(f"cannot build a timm {family.name} student from a shape; pass the student's "
                                     "config (a folder or Hub id) instead")
     args = dict(teacher.model_args)
-    width_keys, depth_keys = SHAPE_RULES[family.name](_skeleton(teacher), args, shape)
+    width_keys, depth_keys = SHAPE_RULES[family.name](_skeleton(teacher), args, shape) if (
+        family.name in SHAPE_RULES) else ((), ())
     classes = num_classes if num_classes is not None else teacher.num_classes
     pretrained_cfg = {key: value for key, value in teacher.pretrained_cfg.items() if key in DATA_FIELDS}
     if classes == teacher.num_classes:
@@ -190,7 +191,7 @@ def student_config(teacher: TimmModelConfig, shape: StudentShape, family: ModelF
                                if teacher.pretrained_cfg.get(key) is not None})
     pretrained_cfg = {**dict.fromkeys(_WEIGHT_FIELDS), **pretrained_cfg, "custom_load": False, "num_classes": classes}
     student = TimmModelConfig(teacher.architecture, args, classes, pretrained_cfg)
-    return _registered(student, width_keys, depth_keys, family)
+    return _registered(student, width_keys, depth_keys, family) if family.name in SHAPE_RULES else student
 
 
 def _registered(config: TimmModelConfig, width_keys: tuple[str, ...], depth_keys: tuple[str, ...],

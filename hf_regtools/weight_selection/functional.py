@@ -25,7 +25,7 @@ from ..adapters import ModelFamily, UnsupportedModelError, detect_family, find_s
 from .axes import (IndexPlan, WeightSelectionError, consecutive_indices, random_indices, top_indices,  # noqa: F401
                    uniform_indices)
 from .config import QKV_MODES, SKIP_RULES
-from .layers import LayerChoice, block_depths, layer_map, teacher_key
+from .layers import LayerChoice, block_depths, flat_block_depths, flat_teacher_keys, layer_map, teacher_key
 
 if TYPE_CHECKING:
     from .importance import ImportanceScores
@@ -215,20 +215,29 @@ def select_weights(
 
     selected_keys = [key for key in student_tensors if key not in skipped]
     aliases = _shared_axes(family, teacher_tensors, student_tensors)
-    teacher_depths = block_depths(family.layers, teacher_tensors)
-    student_depths = block_depths(family.layers, student_tensors)
+    if family.flat_blocks is not None:
+        teacher_blocks, student_blocks = family.flat_blocks(teacher_tensors), family.flat_blocks(student_tensors)
+        teacher_depths, student_depths = flat_block_depths(teacher_blocks), flat_block_depths(student_blocks)
+        if len(teacher_depths) != len(student_depths):
+            raise WeightSelectionError(
+                f"the teacher ({family.label}) has {len(teacher_depths)} stages, the student {len(student_depths)}: "
+                "build the student with the teacher's number of stages (fewer blocks per stage are fine)")
+    else:
+        teacher_depths = block_depths(family.layers, teacher_tensors)
+        student_depths = block_depths(family.layers, student_tensors)
     axis_scores, layer_choice = _split_scores(scores, mode, layers, student_depths)
     mapping = (layer_map(layer_choice, teacher_depths, student_depths, keep_first=family.keep_first_block)
-               if family.layers else {})
-    sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
+               if family.layers or family.flat_blocks else {})
+    if family.flat_blocks is not None:
+        sources = flat_teacher_keys(selected_keys, student_blocks, teacher_blocks, mapping)
+    else:
+        sources = {key: _source_key(family, key, mapping, teacher_tensors) for key in selected_keys}
     missing = [key for key, source in sources.items() if source not in teacher_tensors]
     if missing:
         raise WeightSelectionError(
             f"{len(missing)} student tensors have no teacher counterpart: {_preview(missing)}. The student must be "
             "of the teacher's family and no deeper than the teacher (per stage for ConvNeXt)."
         )
-    if family.fixed_depth:
-        _check_same_layers(family, teacher_tensors, student_tensors)
     if keep_classifier:
         _check_label_space(family, teacher_tensors, student_tensors)
 
@@ -386,16 +395,6 @@ def _matching_family(teacher_tensors, student_tensors) -> ModelFamily:
             "weight selection needs the same architecture family"
         )
     return student_family
-
-
-def _check_same_layers(family: ModelFamily, teacher_tensors, student_tensors) -> None:
-    """Raise unless the student has every teacher tensor, under the same key (`ModelFamily.fixed_depth`)."""
-    extra = [key for key in teacher_tensors if key not in student_tensors]
-    if extra:
-        raise WeightSelectionError(
-            f"the teacher ({family.label}) has tensors the student lacks: {_preview(extra)}. Its layers are numbered "
-            "in one flat sequence, so the student must have the teacher's layers in the same places; only their "
-            "widths may be smaller (build the student with the teacher's layer configuration and narrower channels)")
 
 
 def _skipped_keys(family: ModelFamily, student_tensors, skip, keep_classifier: bool) -> dict[str, str]:

@@ -104,3 +104,28 @@ def teacher_key(pattern: str | None, key: str, mapping: dict[str, list[int]]) ->
     block = mapping[stage][int(match["layer"])]
     start, end = match.span("layer")
     return f"{key[:start]}{block}{key[end:]}"
+
+
+def flat_block_depths(blocks: dict[str, tuple[str, int, str]]) -> dict[str, int]:
+    """Blocks per stage of a family with flat layer numbering, from its `ModelFamily.flat_blocks` result."""
+    found: dict[str, int] = {}
+    for stage, block, _ in blocks.values():
+        found[stage] = max(found.get(stage, 0), block + 1)
+    return dict(sorted(found.items(), key=lambda item: _stage_order(item[0])))
+
+
+def flat_teacher_keys(keys: Iterable[str], student_blocks: dict[str, tuple[str, int, str]],
+                      teacher_blocks: dict[str, tuple[str, int, str]], mapping: dict[str, list[int]]
+                      ) -> dict[str, str]:
+    """The teacher key each student key reads under `mapping`, for a family with flat layer numbering: the same
+    part of the mapped teacher block, or the same key outside blocks (a part the teacher block lacks maps to a key
+    the teacher does not have)."""
+    by_place = {place: key for key, place in teacher_blocks.items()}
+    sources = {}
+    for key in keys:
+        if key not in student_blocks:
+            sources[key] = key
+            continue
+        stage, block, part = student_blocks[key]
+        sources[key] = by_place.get((stage, mapping[stage][block], part), f"<{part} of block {block} in stage {stage}>")
+    return sources
