@@ -240,9 +240,9 @@ def create(config: PretrainedConfig, *, classification: bool | None = None) -> t
 
 
 def stored_dtype(config: PretrainedConfig) -> torch.dtype:
-    """The floating dtype the config's checkpoint is stored in (`dtype`, `torch_dtype` before transformers 5);
-    float32 when it says none."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    """The floating dtype the config's checkpoint is stored in (`dtype`, which configs also set from the older
+    `torch_dtype`); float32 when it says none."""
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
