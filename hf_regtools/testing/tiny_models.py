@@ -1,8 +1,10 @@
 """Tiny models of every supported family, built from configs (never downloaded), for tests and examples.
 
 `MODELS[(library, family)]` builds a model of every supported family. For the families weight selection supports
-(the vision families, ResNets, Llama-layout decoders, `transformers_llama`, GPT-2, `transformers_gpt2`, and
-BERT-style encoders, `transformers_bert` and `transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train for a few steps on CPU in a fraction of a second.
+(the vision families, ResNets, VGG, Llama-layout decoders, `transformers_llama`, GPT-2, `transformers_gpt2`, and
+BERT-style encoders, `transformers_bert` and `transformers_roberta`), `TEACHERS[(library, family)]` builds a teacher
+and `STUDENTS[(library, family)]` a narrower, shallower student of the same family. All are small enough to train
+for a few steps on CPU in a fraction of a second.
 
 `timm_wrapped_vit`, `timm_convnext_classifier` and `timm_resnet_classifier` are timm models as they reach a `Trainer`:
 inside transformers' `TimmWrapperForImageClassification`, and inside a small user module returning `{"loss",
